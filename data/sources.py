@@ -1,0 +1,104 @@
+"""Where a run's data comes from: the user's raw file, a prepared directory, or the synthetic default.
+
+Every CLI resolves its data here, so ``--data``, ``--prepared`` and ``--synthetic`` mean the
+same thing everywhere. Prepared output is cached under ``cache_dir`` keyed by the input and
+the preprocessing parameters (``data.prepare`` reuses a matching directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+
+from data.batches import PreparedDataset
+from data.schema import get_schema
+
+DEFAULT_CACHE = Path("runs") / "cache"
+RAW_NAMES = {"criteo": ("train.txt",), "avazu": ("train", "train.csv", "train.gz")}
+
+
+class DataNotFoundError(RuntimeError):
+    """No data was given and no real file was found; the message says how to get some."""
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int | None = None) -> None:
+    """The data options every CLI shares."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="dataset format: criteo or avazu")
+    g.add_argument("--data", metavar="FILE", help="the real raw file (Criteo train.txt / day_N, Avazu train)")
+    g.add_argument("--prepared", metavar="DIR", help="a directory already written by `python -m data.prepare`")
+    g.add_argument(
+        "--synthetic",
+        metavar="ROWS",
+        type=int,
+        default=None,
+        help="generate a synthetic file of ROWS rows in the real format (the embedded default"
+        + (f"; {synthetic_default} when nothing else is given)" if synthetic_default else ")"),
+    )
+    g.add_argument("--days", type=int, default=1, help="synthetic: number of days (time order)")
+    g.add_argument("--drift", type=float, default=0.0, help="synthetic: click-model drift between days")
+    g.add_argument("--min-count", type=int, default=None, help="categories seen fewer times map to OOV (default 2)")
+    g.add_argument("--split", choices=("random", "time"), default="random", help="8:1:1 split (default random)")
+    g.add_argument("--data-seed", type=int, default=2022, help="split and synthetic-data seed (default 2022)")
+    g.add_argument("--on-bad-rows", choices=("error", "skip"), default="error", help="malformed rows: stop or skip")
+    g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help=f"where prepared data is cached (default {DEFAULT_CACHE})")
+
+
+def find_real_file(dataset: str) -> Path | None:
+    """A raw file in the conventional places (``$MPE_DATA_DIR/<dataset>/`` or ``datasets/<dataset>/``)."""
+    roots = [Path(os.environ["MPE_DATA_DIR"])] if os.environ.get("MPE_DATA_DIR") else []
+    roots.append(Path("datasets"))
+    for root in roots:
+        for name in RAW_NAMES[dataset]:
+            if (root / dataset / name).is_file():
+                return root / dataset / name
+    return None
+
+
+def how_to_get(dataset: str) -> str:
+    hint = {
+        "criteo": "the Criteo Display Advertising Challenge train.txt (Kaggle, ~11 GB, 45.8M rows)",
+        "avazu": "the Avazu CTR Prediction train file (Kaggle, ~6 GB, 40.4M rows)",
+    }[dataset]
+    return (
+        f"no {dataset} data given and none found in $MPE_DATA_DIR/{dataset}/ or datasets/{dataset}/.\n"
+        f"  real data: download {hint}, then pass --data /path/to/{RAW_NAMES[dataset][0]}\n"
+        f"  synthetic default (same raw format, planted click model): add --synthetic 200000"
+    )
+
+
+def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
+    """Turn the shared data options into a ``PreparedDataset`` (generating / preparing as needed)."""
+    from data.prepare import prepare
+
+    schema = get_schema(args.dataset)
+    args.dataset = schema.name
+    if args.prepared:
+        return PreparedDataset(args.prepared)
+    cache = Path(args.cache_dir)
+    raw = Path(args.data) if args.data else None
+    if raw is None and args.synthetic is None:
+        raw = find_real_file(schema.name)
+        if raw is None:
+            raise DataNotFoundError(how_to_get(schema.name))
+    if raw is None:
+        from data.synthetic import generate
+
+        raw = cache / "synthetic" / (
+            f"{schema.name}_{args.synthetic}rows_{args.days}d_drift{args.drift:g}_s{args.data_seed}"
+            + (".csv" if schema.name == "avazu" else ".txt")
+        )
+        if not raw.exists():
+            generate(schema.name, args.synthetic, raw, days=args.days, drift=args.drift, seed=args.data_seed, progress=progress)
+    elif not raw.is_file():
+        raise FileNotFoundError(f"{raw}: no such file")
+    min_count = args.min_count if args.min_count is not None else schema.default_min_count
+    key = hashlib.sha256(str(raw.resolve()).encode()).hexdigest()[:10]
+    out = cache / "prepared" / f"{schema.name}_{raw.name}_{key}_mc{min_count}_{args.split}_s{args.data_seed}"
+    prepare(
+        schema.name, raw, out, min_count=min_count, split=args.split, seed=args.data_seed,
+        on_bad_rows=args.on_bad_rows, progress=progress,
+    )
+    return PreparedDataset(out)

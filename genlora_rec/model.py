@@ -1,0 +1,105 @@
+"""The CTR model: an embedding module (KJT -> [B, F, D]) followed by a dense tower."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+FP32_BYTES = 4
+DEFAULT_INIT_STD = 0.003  # the MPE reference's N(0, 0.003) embedding init
+
+
+def table_name(field: str) -> str:
+    """Name of the embedding table that holds ``field``'s rows."""
+    return f"t_{field}"
+
+
+def build_ebc(
+    fields: Sequence[str],
+    cardinalities: Sequence[int],
+    dim: int,
+    init_std: float = DEFAULT_INIT_STD,
+    device: torch.device | str = "cpu",
+) -> EmbeddingBagCollection:
+    """A torchrec ``EmbeddingBagCollection`` with one sum-pooled table per field, N(0, init_std) rows."""
+    if len(fields) != len(cardinalities):
+        raise ValueError(f"{len(fields)} fields but {len(cardinalities)} cardinalities")
+    tables = [
+        EmbeddingBagConfig(
+            name=table_name(f),
+            embedding_dim=dim,
+            num_embeddings=int(c),
+            feature_names=[f],
+            pooling=PoolingType.SUM,
+        )
+        for f, c in zip(fields, cardinalities, strict=True)
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device))
+    with torch.no_grad():
+        for bag in ebc.embedding_bags.values():
+            bag.weight.normal_(0.0, init_std)
+    return ebc
+
+
+class FP32Embedding(nn.Module):
+    """The uncompressed reference: one fp32 torchrec table per field.
+
+    forward(kjt) -> Tensor[B, F, D]; fields are single-valued, so each pooled bag is the row.
+    """
+
+    def __init__(
+        self,
+        fields: Sequence[str],
+        cardinalities: Sequence[int],
+        dim: int = 16,
+        init_std: float = DEFAULT_INIT_STD,
+    ):
+        super().__init__()
+        self.fields = list(fields)
+        self.cardinalities = [int(c) for c in cardinalities]
+        self.dim = dim
+        self.ebc = build_ebc(self.fields, self.cardinalities, dim, init_std)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        pooled = self.ebc(kjt).values()
+        return pooled.view(-1, len(self.fields), self.dim)
+
+    def num_rows(self) -> int:
+        return sum(self.cardinalities)
+
+    def num_bytes(self) -> int:
+        """Bytes of the fp32 tables as stored: rows x dim x 4."""
+        return self.num_rows() * self.dim * FP32_BYTES
+
+    def global_weight(self) -> torch.Tensor:
+        """All fields' rows concatenated in field order: Tensor[N, D] (a copy)."""
+        return torch.cat([self.ebc.embedding_bags[table_name(f)].weight.detach() for f in self.fields])
+
+
+class CTRModel(nn.Module):
+    """embedding (KJT -> [B, F, D]) then tower ([B, F, D] -> logits [B])."""
+
+    def __init__(self, embedding: nn.Module, tower: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+        self.tower = tower
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.tower(self.embedding(kjt))
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A regulariser added to the BCE loss (e.g. MPE's size penalty); None when there is none."""
+        fn = getattr(self.embedding, "extra_loss", None)
+        return fn() if fn is not None else None
+
+    def embedding_bytes(self) -> int:
+        return int(self.embedding.num_bytes())
+
+    def tower_bytes(self) -> int:
+        """fp32 bytes of the tower's parameters and buffers (BatchNorm statistics included)."""
+        n = sum(p.numel() for p in self.tower.parameters())
+        n += sum(b.numel() for b in self.tower.buffers() if b.is_floating_point())
+        return n * FP32_BYTES

@@ -1,0 +1,251 @@
+"""The training loop every part of the toolkit uses.
+
+Adam, shuffled mini-batches of KJTs, validation AUC a few times per epoch, early stopping
+on it with the best weights kept, tqdm progress, scikit-learn metrics, and atomic
+weights-only checkpoints that ``resume=True`` continues from.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from data.artifacts import atomic_torch_save, atomic_write_json, load_torch, read_json, sha256_file
+from data.batches import SplitArrays, iter_batches, num_batches
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_META = "checkpoint.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and early-stopping settings.
+
+    ``patience`` counts validations (``evals_per_epoch`` per epoch) without AUC gain.
+    """
+
+    epochs: int = 1
+    batch_size: int = 4096
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    evals_per_epoch: int = 1
+    eval_batch_size: int = 16384
+    seed: int = 2022
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    """What ``Trainer.fit`` did: best validation AUC, where, the history and timings."""
+
+    best_auc: float
+    best_logloss: float
+    best_step: int
+    steps: int
+    seconds: float
+    step_seconds: float
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: SplitArrays, fields: Sequence[str], batch_size: int = 16384) -> np.ndarray:
+    """Click probabilities float64 [N] for every row of ``split`` (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = [
+        torch.sigmoid(model(kjt)).double().numpy()
+        for kjt, _ in iter_batches(split, fields, batch_size)
+    ]
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """AUC and logloss (scikit-learn); AUC is NaN when a split has one class only."""
+    labels = np.asarray(labels)
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
+    return {"auc": auc, "logloss": float(log_loss(labels, probs, labels=[0, 1])), "rows": int(len(labels))}
+
+
+def evaluate(model: nn.Module, split: SplitArrays, fields: Sequence[str], batch_size: int = 16384) -> dict[str, float]:
+    """AUC / logloss of ``model`` on ``split``."""
+    return metrics(split.labels, predict(model, split, fields, batch_size))
+
+
+OptimizerFactory = Callable[[nn.Module], list[torch.optim.Optimizer]]
+
+
+class Trainer:
+    """Trains ``model`` (KJT -> logits [B]) with BCE + ``model.extra_loss()`` when it has one.
+
+    Args:
+        model: the model; ``model.extra_loss()`` (optional) is added to every step's loss.
+        config: the ``TrainConfig``.
+        optimizers: builds the optimisers from the model; default one Adam over all
+            trainable parameters with ``config.lr`` and ``config.weight_decay``.
+        out_dir: where ``checkpoint.pt`` is written at every validation (atomically).
+        log: where progress lines go.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        optimizers: OptimizerFactory | None = None,
+        out_dir: str | os.PathLike | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.model = model
+        self.config = config
+        factory = optimizers or (
+            lambda m: [
+                torch.optim.Adam(
+                    [p for p in m.parameters() if p.requires_grad],
+                    lr=config.lr,
+                    weight_decay=config.weight_decay,
+                )
+            ]
+        )
+        self.optimizers = factory(model)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.log = log
+
+    # -- checkpointing -------------------------------------------------------------
+    def _state(self, position: dict, best_state: dict, history: list[dict]) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "best_model": best_state,
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "position": position,
+            "history": history,
+            "config": asdict(self.config),
+        }
+
+    def save_checkpoint(self, position: dict, best_state: dict, history: list[dict]) -> None:
+        if self.out_dir is None:
+            return
+        path = self.out_dir / CHECKPOINT
+        atomic_torch_save(path, self._state(position, best_state, history))
+        atomic_write_json(self.out_dir / CHECKPOINT_META, {"file": CHECKPOINT, "sha256": sha256_file(path), "position": position})
+
+    def load_checkpoint(self) -> tuple[dict, dict, list[dict]] | None:
+        """Restore model and optimisers from ``out_dir``; None when there is no checkpoint."""
+        if self.out_dir is None or not (self.out_dir / CHECKPOINT_META).exists():
+            return None
+        meta = read_json(self.out_dir / CHECKPOINT_META)
+        state = load_torch(self.out_dir / CHECKPOINT, expected_sha256=meta["sha256"])
+        self.model.load_state_dict(state["model"])
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        return state["position"], state["best_model"], state["history"]
+
+    # -- training ------------------------------------------------------------------
+    def fit(
+        self,
+        train: SplitArrays,
+        val: SplitArrays,
+        fields: Sequence[str],
+        resume: bool = False,
+    ) -> FitResult:
+        """Train with early stopping on validation AUC; the model ends with the best weights."""
+        cfg = self.config
+        n_batches = num_batches(len(train), cfg.batch_size)
+        if n_batches == 0:
+            raise ValueError("the training split is empty")
+        eval_every = max(1, math.ceil(n_batches / max(1, cfg.evals_per_epoch)))
+        best_state = copy.deepcopy(self.model.state_dict())
+        history: list[dict] = []
+        start_epoch, start_batch, step = 0, 0, 0
+        best = {"auc": -math.inf, "logloss": math.inf, "step": 0}
+        bad_evals = 0
+        if resume and (restored := self.load_checkpoint()) is not None:
+            position, best_state, history = restored
+            start_epoch, start_batch, step = position["epoch"], position["batch"], position["step"]
+            best, bad_evals = position["best"], position["bad_evals"]
+            self.log(f"resumed from {self.out_dir / CHECKPOINT} at epoch {start_epoch}, batch {start_batch}")
+        t0 = time.perf_counter()
+        step_time, timed_steps = 0.0, 0
+        stopped = False
+        self.model.train()
+        for epoch in range(start_epoch, cfg.epochs):
+            batches = iter_batches(train, fields, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
+            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+            for b, (kjt, labels) in enumerate(batches):
+                if epoch == start_epoch and b < start_batch:
+                    bar.update(1)
+                    continue
+                ts = time.perf_counter()
+                loss = self._step(kjt, labels, step)
+                step_time += time.perf_counter() - ts
+                timed_steps += 1
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                last = b + 1 == n_batches
+                if (b + 1) % eval_every == 0 or last:
+                    m = evaluate(self.model, val, fields, cfg.eval_batch_size)
+                    m.update(epoch=epoch + 1, step=step, train_loss=loss)
+                    history.append(m)
+                    improved = m["auc"] > best["auc"] or math.isnan(best["auc"])
+                    if improved:
+                        best = {"auc": m["auc"], "logloss": m["logloss"], "step": step}
+                        best_state = copy.deepcopy(self.model.state_dict())
+                        bad_evals = 0
+                    else:
+                        bad_evals += 1
+                    bar.write(f"  step {step}: val auc {m['auc']:.5f} logloss {m['logloss']:.5f}" + (" *" if improved else ""))
+                    next_pos = (epoch + 1, 0) if last else (epoch, b + 1)
+                    position = {"epoch": next_pos[0], "batch": next_pos[1], "step": step, "best": best, "bad_evals": bad_evals}
+                    self.save_checkpoint(position, best_state, history)
+                    if bad_evals >= cfg.patience:
+                        stopped = True
+                        break
+            bar.close()
+            if stopped:
+                self.log(f"early stop: no validation AUC gain in {cfg.patience} validations")
+                break
+        self.model.load_state_dict(best_state)
+        return FitResult(
+            best_auc=best["auc"],
+            best_logloss=best["logloss"],
+            best_step=best["step"],
+            steps=step,
+            seconds=time.perf_counter() - t0,
+            step_seconds=step_time / max(1, timed_steps),
+            history=history,
+            stopped_early=stopped,
+        )
+
+    def _step(self, kjt, labels: torch.Tensor, step: int) -> float:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        logits = self.model(kjt)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        extra = getattr(self.model, "extra_loss", None)
+        if extra is not None and (penalty := extra()) is not None:
+            loss = loss + penalty
+        if not torch.isfinite(loss):
+            where = f"; last good checkpoint: {self.out_dir / CHECKPOINT}" if self.out_dir else ""
+            raise NonFiniteLossError(f"training loss became {loss.item()} at step {step + 1}{where}")
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        return float(loss.detach())
