@@ -137,6 +137,7 @@ class Trainer:
             "position": position,
             "history": history,
             "config": asdict(self.config),
+            "rng": torch.get_rng_state(),
         }
 
     def save_checkpoint(self, position: dict, best_state: dict, history: list[dict]) -> None:
@@ -155,6 +156,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
+        torch.set_rng_state(state["rng"])
         return state["position"], state["best_model"], state["history"]
 
     # -- training ------------------------------------------------------------------

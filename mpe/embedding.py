@@ -1,0 +1,188 @@
+"""The mixed-precision embedding: fp32 master rows in torchrec, fake-quantized per row by group.
+
+The master weights live in a torchrec ``EmbeddingBagCollection`` (one table per field, so
+it shards like any other). After the lookup, each row is fake-quantized with the
+bit-width of its frequency group:
+
+- phase ``"search"``: every group has logits over the candidate bit-widths;
+  ``mode="expected"`` mixes all candidate quantizations by ``softmax(logits / tau)``
+  (the reference code), ``mode="sample"`` draws one bit-width per row with
+  Gumbel-softmax straight-through (one quantization per row: cheaper).
+  ``extra_loss()`` is the size penalty ``lambda * sum_g w_g * E_p[bits_g]``.
+- phase ``"fixed"``: every group has one bit-width (after selection); rows are
+  quantized at it, exactly as the bit-packed export stores them.
+- phase ``"fp32"``: no quantization.
+
+Criteo and Avazu fields are single-valued, so a sum-pooled bag of one id is the row
+itself and quantizing the pooled output equals quantizing the row. Multi-hot fields
+(bags of several ids) would pool before quantization, which is wrong for MPE: they need
+torchrec's unpooled ``EmbeddingCollection``; ``forward`` refuses them with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from genlora_rec.model import DEFAULT_INIT_STD, FP32_BYTES, build_ebc, table_name
+from mpe.bitwidths import DEFAULT_CANDIDATES, packed_table_bytes, validate_candidates
+from mpe.quantizer import LSQQuantizer
+
+PHASES = ("search", "fixed", "fp32")
+MODES = ("expected", "sample")
+
+
+class MixedPrecisionEmbedding(nn.Module):
+    """Per-field torchrec tables whose looked-up rows are fake-quantized by frequency group.
+
+    Args:
+        fields, cardinalities: the fields and their number of rows (one table each).
+        dim: embedding dimension D.
+        group_of_row: int [N] group id of every global row (N = sum of cardinalities;
+            global id = field offset + local id).
+        penalty_weights: float [G] size-penalty weight of every group (1 / r_g).
+        candidates: bit-width candidates (0 = pruned row).
+        mode: 'expected' or 'sample' (search phase only).
+        tau: softmax temperature of the precision distributions.
+        lam: size-penalty coefficient lambda.
+
+    forward(kjt) -> Tensor[B, F, D].
+    """
+
+    def __init__(
+        self,
+        fields: Sequence[str],
+        cardinalities: Sequence[int],
+        dim: int,
+        group_of_row: np.ndarray,
+        penalty_weights: np.ndarray,
+        candidates: Sequence[int] = DEFAULT_CANDIDATES,
+        mode: str = "expected",
+        tau: float = 3e-3,
+        lam: float = 3e-4,
+        init_std: float = DEFAULT_INIT_STD,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown search mode {mode!r}; expected one of {MODES}")
+        self.fields = list(fields)
+        self.cardinalities = [int(c) for c in cardinalities]
+        self.dim = dim
+        self.candidates = validate_candidates(candidates)
+        self.mode, self.tau, self.lam = mode, tau, lam
+        num_rows = sum(self.cardinalities)
+        group_of_row = np.asarray(group_of_row, dtype=np.int64)
+        if group_of_row.shape != (num_rows,):
+            raise ValueError(f"group_of_row has shape {group_of_row.shape}, expected ({num_rows},)")
+        num_groups = int(group_of_row.max()) + 1
+        if len(penalty_weights) != num_groups:
+            raise ValueError(f"{len(penalty_weights)} penalty weights for {num_groups} groups")
+        self.ebc = build_ebc(self.fields, self.cardinalities, dim, init_std)
+        offsets = np.concatenate([[0], np.cumsum(self.cardinalities)[:-1]])
+        self.register_buffer("field_offsets", torch.as_tensor(offsets, dtype=torch.int64))
+        self.register_buffer("group_of_row", torch.from_numpy(group_of_row))
+        self.register_buffer("penalty_weights", torch.as_tensor(np.asarray(penalty_weights), dtype=torch.float32))
+        self.register_buffer("bit_values", torch.tensor(self.candidates, dtype=torch.float32))
+        self.register_buffer("fixed_index", torch.zeros(num_groups, dtype=torch.int64))
+        self.logits = nn.Parameter(torch.zeros(num_groups, len(self.candidates)))
+        self.quantizer = LSQQuantizer(self.candidates, dim, num_rows)
+        self.quantizer.init_steps(self.global_weight())
+        self.phase = "search"
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return int(self.logits.shape[0])
+
+    def num_rows(self) -> int:
+        return sum(self.cardinalities)
+
+    def global_weight(self) -> torch.Tensor:
+        """All master rows concatenated in field order: Tensor[N, D] (detached copy)."""
+        return torch.cat([self.ebc.embedding_bags[table_name(f)].weight.detach() for f in self.fields])
+
+    def load_global_weight(self, weight: torch.Tensor) -> None:
+        """Overwrite the master rows with ``weight`` [N, D] (e.g. the pre-search init)."""
+        with torch.no_grad():
+            for f, start, card in zip(self.fields, self.field_offsets.tolist(), self.cardinalities, strict=True):
+                self.ebc.embedding_bags[table_name(f)].weight.copy_(weight[start : start + card])
+
+    def probabilities(self) -> torch.Tensor:
+        """float [G, |B|]: each group's distribution over the candidate bit-widths."""
+        return torch.softmax(self.logits / self.tau, dim=-1)
+
+    def set_phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        self.phase = phase
+        self.logits.requires_grad_(phase == "search")
+
+    def fix_bits(self, bits_per_group: np.ndarray | Sequence[int]) -> None:
+        """Freeze one bit-width per group (bit values, not indices) and switch to phase 'fixed'."""
+        bits = np.asarray(bits_per_group, dtype=np.int64)
+        if bits.shape != (self.num_groups,):
+            raise ValueError(f"got {bits.shape[0]} bit-widths for {self.num_groups} groups")
+        index = {b: i for i, b in enumerate(self.candidates)}
+        unknown = sorted(set(bits.tolist()) - set(index))
+        if unknown:
+            raise ValueError(f"bit-widths {unknown} are not among the candidates {self.candidates}")
+        self.fixed_index.copy_(torch.as_tensor([index[b] for b in bits.tolist()]))
+        self.set_phase("fixed")
+
+    def bits_per_group(self) -> np.ndarray:
+        """int [G]: the fixed bit-width of every group."""
+        return np.asarray(self.candidates, dtype=np.int64)[self.fixed_index.numpy()]
+
+    def bits_per_row(self) -> np.ndarray:
+        """int [N]: the fixed bit-width of every global row."""
+        return self.bits_per_group()[self.group_of_row.numpy()]
+
+    # -- forward -----------------------------------------------------------------------
+    def global_ids(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """int64 [B, F] global row ids of a single-valued KJT."""
+        batch = kjt.stride()
+        values = kjt.values()
+        if values.numel() != batch * len(self.fields):
+            raise ValueError(
+                "MixedPrecisionEmbedding takes single-valued fields (one id per field and example); "
+                "multi-hot bags need an unpooled EmbeddingCollection"
+            )
+        return values.view(len(self.fields), batch).t() + self.field_offsets
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        rows = self.ebc(kjt).values().view(-1, len(self.fields), self.dim)
+        if self.phase == "fp32":
+            return rows
+        groups = self.group_of_row[self.global_ids(kjt)].reshape(-1)
+        flat = rows.reshape(-1, self.dim)
+        if self.phase == "fixed":
+            out = self.quantizer.quantize_per_row(flat, self.fixed_index[groups])
+        elif self.mode == "expected":
+            out = self.quantizer.mix_expected(flat, self.probabilities()[groups])
+        else:
+            out = self.quantizer.mix_sampled(flat, (self.logits / self.tau)[groups], tau=1.0)
+        return out.view_as(rows)
+
+    def expected_bits(self) -> torch.Tensor:
+        """float [G]: E_p[bits] of every group."""
+        return self.probabilities() @ self.bit_values
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """Size penalty lambda * sum_g w_g E[bits_g] during search; None otherwise."""
+        if self.phase != "search" or self.lam == 0:
+            return None
+        return self.lam * (self.penalty_weights * self.expected_bits()).sum()
+
+    def num_bytes(self) -> int:
+        """Bytes of the bit-packed export (phase 'fixed') or of the fp32 tables (otherwise)."""
+        if self.phase == "fixed":
+            return packed_table_bytes(self.bits_per_row(), self.dim, self.candidates)
+        return self.num_rows() * self.dim * FP32_BYTES
+
+    def quant_parameters(self) -> list[nn.Parameter]:
+        """The precision logits, steps and offset (their own optimiser, no weight decay)."""
+        return [self.logits, *self.quantizer.parameters()]

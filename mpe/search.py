@@ -1,0 +1,490 @@
+"""Mixed-precision embedding search: ``python -m mpe.search --dataset criteo``.
+
+Prepares (or reuses) the data, groups features by training frequency, learns each
+group's distribution over bit-widths under a size penalty, selects one bit-width per
+group, retrains the embeddings from their pre-search values at those bit-widths, writes
+the bit-packed export and a report (``report.json``, ``bits_vs_frequency.png``).
+With ``--target-ratio R`` lambda is found by bisection over short searches so the export
+is about R times smaller than the fp32 tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import sources
+from data.artifacts import (
+    ArtifactError,
+    atomic_torch_save,
+    atomic_write_json,
+    load_torch,
+    read_json,
+    sha256_file,
+)
+from data.batches import PreparedDataset, SplitArrays
+from genlora_rec.model import CTRModel
+from genlora_rec.towers import TOWERS, build_tower
+from genlora_rec.trainer import FitResult, TrainConfig, Trainer, evaluate
+from mpe.bitwidths import (
+    DEFAULT_CANDIDATES,
+    fp32_table_bytes,
+    packed_table_bytes,
+    validate_candidates,
+)
+from mpe.embedding import MODES, MixedPrecisionEmbedding
+from mpe.grouping import frequency_groups, group_frequencies, group_penalty_weights
+from mpe.selection import select_argmax, select_budgeted, select_threshold
+
+DEFAULT_LAMBDA = {"criteo": 3e-4, "avazu": 2e-6}
+DEFAULT_L2 = {"criteo": 3e-6, "avazu": 0.0}
+SELECTIONS = ("threshold", "argmax", "budgeted")
+MODEL_FILE, MODEL_META = "model.pt", "model.json"
+
+
+@dataclass
+class MPEConfig:
+    """Everything that defines an MPE run besides the data."""
+
+    dataset: str = "criteo"
+    lam: float | None = None
+    target_ratio: float | None = None
+    groups: int = 128
+    candidates: tuple[int, ...] = DEFAULT_CANDIDATES
+    mode: str = "expected"
+    tau: float = 3e-3
+    selection: str = "threshold"
+    samples: int = 16
+    tower: str = "dnn"
+    hidden: tuple[int, ...] | None = None
+    dim: int = 16
+    epochs: int = 1
+    batch_size: int = 4096
+    lr: float = 1e-3
+    weight_decay: float | None = None
+    patience: int = 3
+    evals_per_epoch: int = 2
+    seed: int = 2022
+    bisection_steps: int = 6
+    bisection_fraction: float = 0.25
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def lambda_value(self) -> float:
+        return self.lam if self.lam is not None else DEFAULT_LAMBDA[self.dataset]
+
+    def l2(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_L2[self.dataset]
+
+
+def build_model(data: PreparedDataset, cfg: MPEConfig, lam: float | None = None) -> CTRModel:
+    """A fresh MPE model (seeded by ``cfg.seed``) grouped by ``data``'s train frequencies."""
+    freq = data.frequency()
+    group_of_row = frequency_groups(freq, cfg.groups)
+    torch.manual_seed(cfg.seed)
+    embedding = MixedPrecisionEmbedding(
+        data.fields,
+        data.cardinalities,
+        cfg.dim,
+        group_of_row,
+        group_penalty_weights(freq, group_of_row),
+        candidates=cfg.candidates,
+        mode=cfg.mode,
+        tau=cfg.tau,
+        lam=cfg.lambda_value() if lam is None else lam,
+    )
+    tower = build_tower(cfg.tower, len(data.fields), cfg.dim, cfg.hidden)
+    return CTRModel(embedding, tower)
+
+
+def mpe_optimizers(cfg: MPEConfig):
+    """Adam for logits / steps / offset (no weight decay) and Adam with L2 for rows and tower."""
+
+    def factory(model: CTRModel) -> list[torch.optim.Optimizer]:
+        emb: MixedPrecisionEmbedding = model.embedding
+        quant = [p for p in emb.quant_parameters() if p.requires_grad]
+        quant_ids = {id(p) for p in emb.quant_parameters()}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
+        return [
+            torch.optim.Adam(quant, lr=cfg.lr),
+            torch.optim.Adam(rest, lr=cfg.lr, weight_decay=cfg.l2()),
+        ]
+
+    return factory
+
+
+def train_config(cfg: MPEConfig, epochs: int | None = None) -> TrainConfig:
+    return TrainConfig(
+        epochs=cfg.epochs if epochs is None else epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        patience=cfg.patience,
+        evals_per_epoch=cfg.evals_per_epoch,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+
+
+def search(
+    model: CTRModel, data: PreparedDataset, cfg: MPEConfig, out: Path | None, resume: bool = False,
+    train: SplitArrays | None = None,
+) -> FitResult:
+    """Learn the precision distributions (and rows, tower, steps) with the size penalty.
+
+    ``train`` replaces the training split (the bisection of ``find_lambda`` uses a prefix).
+    """
+    model.embedding.set_phase("search")
+    trainer = Trainer(model, train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg))
+    train = data.split("train") if train is None else train
+    return trainer.fit(train, data.split("val"), data.fields, resume=resume)
+
+
+def select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, budget_bytes: int | None) -> tuple[np.ndarray, dict]:
+    """One bit-width per group from the learned distributions, by ``cfg.selection``."""
+    emb: MixedPrecisionEmbedding = model.embedding
+    probs = emb.probabilities().detach().numpy()
+    if cfg.selection == "threshold":
+        return select_threshold(probs, emb.candidates), {"strategy": "threshold"}
+    if cfg.selection == "argmax":
+        return select_argmax(probs, emb.candidates), {"strategy": "argmax"}
+    val = data.split("val")
+    group_of_row = emb.group_of_row.numpy()
+
+    def evaluate_bits(bits: np.ndarray) -> float:
+        trial = copy.deepcopy(model)
+        trial.embedding.fix_bits(bits)
+        return evaluate(trial, val, data.fields)["auc"]
+
+    def size_of(bits: np.ndarray) -> int:
+        return packed_table_bytes(np.asarray(bits)[group_of_row], emb.dim, emb.candidates)
+
+    budget = budget_bytes if budget_bytes is not None else size_of(select_threshold(probs, emb.candidates))
+    bits, info = select_budgeted(probs, emb.candidates, evaluate_bits, size_of, budget, cfg.samples, cfg.seed)
+    info = {"strategy": "budgeted", "budget_bytes": int(budget), **info}
+    return bits, info
+
+
+def retrain(
+    model: CTRModel, init_weight: torch.Tensor, bits: np.ndarray, data: PreparedDataset, cfg: MPEConfig,
+    out: Path | None, resume: bool = False,
+) -> FitResult:
+    """Rows back to their pre-search values, bit-widths frozen, tower/steps/offset kept, fresh Adam."""
+    emb: MixedPrecisionEmbedding = model.embedding
+    emb.load_global_weight(init_weight)
+    emb.fix_bits(bits)
+    trainer = Trainer(model, train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg))
+    return trainer.fit(data.split("train"), data.split("val"), data.fields, resume=resume)
+
+
+def adjust_to_ratio(
+    bits: np.ndarray, group_freq: np.ndarray, candidates: tuple[int, ...], ratio_of, target: float,
+    tolerance: float = 0.1,
+) -> tuple[np.ndarray, list[str]]:
+    """Move bits one candidate step at a time until ``ratio_of(bits)`` is within ``tolerance`` of target.
+
+    Too large: lower the rarest group that still has bits. Too small: raise the most frequent
+    group below the top candidate. Returns the bits and a log of the moves.
+    """
+    bits = bits.copy()
+    order = np.argsort(group_freq, kind="stable")  # rarest first
+    steps: list[str] = []
+    for _ in range(len(bits) * len(candidates)):
+        ratio = ratio_of(bits)
+        if ratio < target * (1 - tolerance):
+            movable = [g for g in order if bits[g] > candidates[0]]
+            if not movable:
+                break
+            g = movable[0]
+            bits[g] = candidates[candidates.index(int(bits[g])) - 1]
+        elif ratio > target * (1 + tolerance):
+            movable = [g for g in order[::-1] if bits[g] < candidates[-1]]
+            if not movable:
+                break
+            g = movable[0]
+            new = candidates[candidates.index(int(bits[g])) + 1]
+            trial = bits.copy()
+            trial[g] = new
+            if ratio_of(trial) < target * (1 - tolerance):
+                break  # one more step would overshoot: the closest reachable setting
+            bits = trial
+        else:
+            break
+        steps.append(f"group {int(g)} -> {int(bits[g])} bits")
+    return bits, steps
+
+
+def compression_ratio(data: PreparedDataset, cfg: MPEConfig, bits: np.ndarray, group_of_row: np.ndarray) -> float:
+    packed = packed_table_bytes(bits[group_of_row], cfg.dim, validate_candidates(cfg.candidates))
+    return fp32_table_bytes(data.num_features, cfg.dim) / max(1, packed)
+
+
+def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float) -> tuple[float, list[dict]]:
+    """Bisection on log(lambda) over short searches until the selected bits give ~target x."""
+    train = data.split("train")
+    short_train = train.subset(slice(0, max(1, int(len(train) * cfg.bisection_fraction))))
+    short_cfg = replace(cfg, epochs=1, progress=False)
+    lo, hi = math.log(1e-9), math.log(1.0)
+    lam = cfg.lam if cfg.lam is not None else DEFAULT_LAMBDA[cfg.dataset]
+    log_lam = math.log(lam)
+    trials: list[dict] = []
+    best = None
+    for i in range(cfg.bisection_steps):
+        model = build_model(data, short_cfg, lam=math.exp(log_lam))
+        search(model, data, short_cfg, out=None, train=short_train)
+        bits, _ = select(model, data, short_cfg, None)
+        ratio = compression_ratio(data, cfg, bits, model.embedding.group_of_row.numpy())
+        trials.append({"trial": i, "lambda": math.exp(log_lam), "ratio": ratio})
+        _log(cfg)(f"  lambda {math.exp(log_lam):.3g}: {ratio:.1f}x (target {target:g}x)")
+        if best is None or abs(math.log(ratio / target)) < abs(math.log(best[1] / target)):
+            best = (math.exp(log_lam), ratio)
+        if abs(ratio / target - 1) <= 0.05:
+            break
+        if ratio < target:
+            lo = log_lam
+        else:
+            hi = log_lam
+        log_lam = (lo + hi) / 2
+    return best[0], trials
+
+
+def _log(cfg: MPEConfig):
+    return print if cfg.progress else (lambda _msg: None)
+
+
+# -- run directory ------------------------------------------------------------------------
+def save_model(model: CTRModel, cfg: MPEConfig, data: PreparedDataset, out: Path) -> None:
+    """``model.pt`` (weights only) + ``model.json`` (what rebuilds it, and its sha256)."""
+    atomic_torch_save(out / MODEL_FILE, model.state_dict())
+    emb: MixedPrecisionEmbedding = model.embedding
+    atomic_write_json(out / MODEL_META, {
+        "schema_version": 1,
+        "kind": "mpe",
+        "fields": data.fields,
+        "cardinalities": data.cardinalities,
+        "field_offsets": data.field_offsets,
+        "dim": cfg.dim,
+        "groups": emb.num_groups,
+        "candidates": list(emb.candidates),
+        "mode": cfg.mode,
+        "tau": cfg.tau,
+        "tower": cfg.tower,
+        "hidden": list(cfg.hidden) if cfg.hidden else None,
+        "sha256": sha256_file(out / MODEL_FILE),
+    })
+
+
+def load_model(run_dir: str | Path) -> tuple[CTRModel, dict]:
+    """Rebuild the retrained MPE model of a run directory (checksum verified, no pickle)."""
+    run_dir = Path(run_dir)
+    meta = read_json(run_dir / MODEL_META)
+    if meta.get("schema_version") != 1 or meta.get("kind") != "mpe":
+        raise ArtifactError(f"{run_dir / MODEL_META}: not an MPE model description (schema_version 1)")
+    state = load_torch(run_dir / MODEL_FILE, expected_sha256=meta["sha256"])
+    embedding = MixedPrecisionEmbedding(
+        meta["fields"], meta["cardinalities"], meta["dim"],
+        state["embedding.group_of_row"].numpy(), state["embedding.penalty_weights"].numpy(),
+        candidates=meta["candidates"], mode=meta["mode"], tau=meta["tau"],
+    )
+    tower = build_tower(meta["tower"], len(meta["fields"]), meta["dim"], tuple(meta["hidden"]) if meta["hidden"] else None)
+    model = CTRModel(embedding, tower)
+    model.load_state_dict(state)
+    embedding.set_phase("fixed")
+    return model, meta
+
+
+def plot_bits(path: Path, group_freq: np.ndarray, bits: np.ndarray, title: str) -> None:
+    """PNG of the chosen bit-width of each group against its mean training frequency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step(np.maximum(group_freq, 1e-1), bits, where="mid", color="tab:blue")
+    ax.scatter(np.maximum(group_freq, 1e-1), bits, s=10, color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean training count of the group's features (log)")
+    ax.set_ylabel("chosen bit-width")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) -> dict:
+    """Search -> select -> retrain -> evaluate -> export; returns (and writes) the report."""
+    from mpe.export import export_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = _log(cfg)
+    t0 = time.perf_counter()
+    stages_path = out / "stages.json"
+    stages = read_json(stages_path) if resume and stages_path.exists() else {}
+    fp32_bytes = fp32_table_bytes(data.num_features, cfg.dim)
+    trials: list[dict] = stages.get("lambda_trials", [])
+    lam = stages.get("lambda", cfg.lambda_value())
+    if cfg.target_ratio and "lambda" not in stages:
+        log(f"finding lambda for {cfg.target_ratio:g}x by bisection ({cfg.bisection_steps} short searches)")
+        lam, trials = find_lambda(data, cfg, cfg.target_ratio)
+        stages.update(lambda_trials=trials, **{"lambda": lam})
+        atomic_write_json(stages_path, stages)
+    model = build_model(data, cfg, lam=lam)
+    emb: MixedPrecisionEmbedding = model.embedding
+    init_weight = emb.global_weight()
+    log(f"MPE search on {data.dataset}: {data.num_features:,} features in {emb.num_groups} groups, "
+        f"bits {list(emb.candidates)}, mode {cfg.mode}, lambda {lam:.3g}")
+    if "search" in stages:
+        search_fit = FitResult(**stages["search"])
+        model.load_state_dict(load_torch(out / "search_model.pt", stages["search_sha256"]))
+    else:
+        search_fit = search(model, data, cfg, out / "search", resume=resume)
+        atomic_torch_save(out / "search_model.pt", model.state_dict())
+        stages.update(search=asdict(search_fit), search_sha256=sha256_file(out / "search_model.pt"))
+        atomic_write_json(stages_path, stages)
+    probs = emb.probabilities().detach().numpy()
+    budget = int(fp32_bytes / cfg.target_ratio) if cfg.target_ratio else None
+    if "bits" in stages:
+        bits, sel_info = np.asarray(stages["bits"], dtype=np.int64), stages["selection"]
+    else:
+        bits, sel_info = select(model, data, cfg, budget)
+        if cfg.target_ratio:
+            gor = emb.group_of_row.numpy()
+            bits, moves = adjust_to_ratio(
+                bits, group_frequencies(data.frequency(), gor), emb.candidates,
+                lambda b: compression_ratio(data, cfg, b, gor), cfg.target_ratio,
+            )
+            sel_info = {**sel_info, "budget_adjustments": moves}
+        stages.update(bits=[int(b) for b in bits], selection=sel_info)
+        atomic_write_json(stages_path, stages)
+    log(f"selected ({cfg.selection}): mean {float(np.mean(bits)):.3f} bits per group")
+    retrain_fit = retrain(model, init_weight, bits, data, cfg, out / "retrain", resume=resume)
+    test = evaluate(model, data.split("test"), data.fields)
+    save_model(model, cfg, data, out)
+    export = export_run(out, out / "export", verify_data=data)
+    freq = data.frequency()
+    group_of_row = emb.group_of_row.numpy()
+    gfreq = group_frequencies(freq, group_of_row)
+    mean_bits_row = float(np.mean(bits[group_of_row])) if len(group_of_row) else 0.0
+    report = {
+        "method": "mpe",
+        "dataset": data.dataset,
+        "data": str(data.root),
+        "config": {**asdict(cfg), "lambda": lam},
+        "test": test,
+        "search_val_auc": search_fit.best_auc,
+        "retrain_val_auc": retrain_fit.best_auc,
+        "fp32_bytes": fp32_bytes,
+        "packed_bytes": export["total_bytes"],
+        "compression_ratio": fp32_bytes / export["total_bytes"],
+        "mean_bits_per_row": mean_bits_row,
+        "paper_ratio_32_over_mean_bits": 32 / mean_bits_row if mean_bits_row > 0 else math.inf,
+        "torchrec_quant_bytes": export.get("torchrec_quant_bytes"),
+        "tower_bytes": model.tower_bytes(),
+        "export_test_auc": export["test_auc"],
+        "bits_per_group": [int(b) for b in bits],
+        "probabilities": probs.round(4).tolist(),
+        "group_mean_frequency": gfreq.tolist(),
+        "selection": sel_info,
+        "lambda_trials": trials,
+        "timings": {
+            "search_seconds": search_fit.seconds,
+            "search_step_seconds": search_fit.step_seconds,
+            "retrain_seconds": retrain_fit.seconds,
+            "retrain_step_seconds": retrain_fit.step_seconds,
+            "total_seconds": time.perf_counter() - t0,
+        },
+        "history": {"search": search_fit.history, "retrain": retrain_fit.history},
+    }
+    atomic_write_json(out / "report.json", report)
+    plot_bits(out / "bits_vs_frequency.png", gfreq, bits,
+              f"MPE on {data.dataset}: {report['compression_ratio']:.1f}x, test AUC {test['auc']:.4f}")
+    return report
+
+
+def summary_table(report: dict) -> str:
+    t = report["test"]
+    rows = [
+        ("test AUC", f"{t['auc']:.5f}"),
+        ("test logloss", f"{t['logloss']:.5f}"),
+        ("AUC from loaded export", f"{report['export_test_auc']:.5f}"),
+        ("fp32 table bytes", f"{report['fp32_bytes']:,}"),
+        ("packed export bytes", f"{report['packed_bytes']:,}"),
+        ("compression ratio (bytes)", f"{report['compression_ratio']:.1f}x"),
+        ("mean bits per row (32/mean)", f"{report['mean_bits_per_row']:.3f} ({report['paper_ratio_32_over_mean_bits']:.1f}x)"),
+        ("search step / retrain step", f"{report['timings']['search_step_seconds'] * 1e3:.1f} ms / {report['timings']['retrain_step_seconds'] * 1e3:.1f} ms"),
+        ("total time", f"{report['timings']['total_seconds']:.1f} s"),
+    ]
+    if report.get("torchrec_quant_bytes"):
+        rows.insert(5, ("torchrec rowwise-quant bytes", f"{report['torchrec_quant_bytes']:,}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mpe.search", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sources.add_data_arguments(p)
+    g = p.add_argument_group("MPE")
+    g.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help=f"size-penalty coefficient (default per dataset: {DEFAULT_LAMBDA})")
+    g.add_argument("--target-ratio", type=float, default=None, help="find lambda so the export is ~R x smaller than fp32")
+    g.add_argument("--groups", type=int, default=128, help="frequency groups (default 128)")
+    g.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_CANDIDATES), help="candidate bit-widths (default 0..6; 0 = pruned)")
+    g.add_argument("--mode", choices=MODES, default="expected", help="search mode: expected mixture (reference) or Gumbel sample")
+    g.add_argument("--tau", type=float, default=3e-3, help="softmax temperature of the precision logits (default 3e-3)")
+    g.add_argument("--selection", choices=SELECTIONS, default="threshold", help="how bits are chosen from the distributions")
+    g.add_argument("--samples", type=int, default=16, help="budgeted selection: assignments drawn (default 16)")
+    t = p.add_argument_group("model and training")
+    t.add_argument("--tower", choices=sorted(TOWERS), default="dnn", help="dense tower (default dnn)")
+    t.add_argument("--hidden", type=int, nargs="+", default=None, help="tower hidden sizes (default per tower)")
+    t.add_argument("--dim", type=int, default=16, help="embedding dimension (default 16)")
+    t.add_argument("--epochs", type=int, default=1, help="max epochs of search and of retrain (default 1)")
+    t.add_argument("--batch-size", type=int, default=4096, help="batch size (default 4096)")
+    t.add_argument("--evals-per-epoch", type=int, default=2, help="validations per epoch (default 2)")
+    t.add_argument("--patience", type=int, default=3, help="validations without AUC gain before stopping (default 3)")
+    t.add_argument("--weight-decay", type=float, default=None, help=f"L2 on rows and tower (default per dataset: {DEFAULT_L2})")
+    t.add_argument("--seed", type=int, default=2022, help="model seed (default 2022)")
+    p.add_argument("--out", default=None, help="run directory (default runs/mpe_<dataset>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> MPEConfig:
+    return MPEConfig(
+        dataset=args.dataset, lam=args.lam, target_ratio=args.target_ratio, groups=args.groups,
+        candidates=validate_candidates(args.bits), mode=args.mode, tau=args.tau, selection=args.selection,
+        samples=args.samples, tower=args.tower, hidden=tuple(args.hidden) if args.hidden else None,
+        dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, evals_per_epoch=args.evals_per_epoch,
+        patience=args.patience, weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        data = sources.resolve(args, progress=cfg.progress)
+        cfg.dataset = data.dataset
+        out = Path(args.out or f"runs/mpe_{data.dataset}")
+        report = run(data, cfg, out, resume=args.resume)
+    except (sources.DataNotFoundError, ValueError, FileNotFoundError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nMPE on {data.dataset} -> {out}\n{summary_table(report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

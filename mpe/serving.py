@@ -1,0 +1,59 @@
+"""Serve a CTR model from a bit-packed export: packed embedding lookups + the trained tower.
+
+``load_served_model(export_dir)`` reads only weights-only / ``.npy`` / JSON files, verifies
+every checksum, and returns a ``CTRModel`` whose embedding decodes rows from the packed
+codes. Its predictions equal the retrained in-memory model's bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from data.artifacts import ArtifactError, load_torch, read_json, safe_child
+from genlora_rec.model import CTRModel
+from genlora_rec.towers import build_tower
+from mpe.packed import PackedEmbedding, load_packed_export
+
+TOWER_FILE, TOWER_META = "tower.pt", "tower.json"
+
+
+class PackedEmbeddingModule(nn.Module):
+    """KJT -> Tensor[B, F, D] served from a ``PackedEmbedding`` (single-valued fields)."""
+
+    def __init__(self, packed: PackedEmbedding, fields: Sequence[str], field_offsets: Sequence[int]):
+        super().__init__()
+        self.packed = packed
+        self.fields = list(fields)
+        self.register_buffer("field_offsets", torch.as_tensor(list(field_offsets), dtype=torch.int64))
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        batch = kjt.stride()
+        values = kjt.values()
+        if values.numel() != batch * len(self.fields):
+            raise ValueError("the packed embedding serves single-valued fields only")
+        ids = values.view(len(self.fields), batch).t() + self.field_offsets
+        return self.packed.lookup(ids.reshape(-1)).view(batch, len(self.fields), -1)
+
+    def num_bytes(self) -> int:
+        return int(self.packed.num_bytes())
+
+
+def load_served_model(export_dir: str | Path) -> CTRModel:
+    """The export's packed embedding plugged into its tower (``tower.pt`` + ``tower.json``)."""
+    export_dir = Path(export_dir)
+    packed = load_packed_export(export_dir)
+    meta = read_json(export_dir / TOWER_META)
+    state = load_torch(safe_child(export_dir, meta.get("file", TOWER_FILE)), expected_sha256=meta["sha256"])
+    hidden = tuple(meta["hidden"]) if meta.get("hidden") else None
+    tower = build_tower(meta["tower"], len(meta["fields"]), meta["dim"], hidden)
+    try:
+        tower.load_state_dict(state)
+    except RuntimeError as e:
+        raise ArtifactError(f"{export_dir / TOWER_FILE}: tower weights do not match {meta['tower']} ({e})") from None
+    model = CTRModel(PackedEmbeddingModule(packed, meta["fields"], meta["field_offsets"]), tower)
+    return model.eval()
