@@ -7,7 +7,7 @@ import torch
 from data.batches import SplitArrays, iter_batches, to_kjt
 from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.towers import build_tower
-from genlora_rec.trainer import NonFiniteLossError, Trainer, TrainConfig, evaluate
+from genlora_rec.trainer import NonFiniteLossError, TrainConfig, Trainer, evaluate
 
 FIELDS = ["a", "b", "c"]
 CARD = [7, 11, 5]

@@ -1,0 +1,658 @@
+"""Streaming reader for raw Criteo / Avazu files, with validation that names file, line and column.
+
+``RawReader`` parses a raw file block by block with pyarrow's streaming CSV reader
+(``pyarrow.csv.open_csv``), reading every column as bytes, and yields each block as a
+``RawBlock`` whose columns are dictionary-encoded (int32 indices into a small per-block
+dictionary of distinct values). Validation runs on those per-block dictionaries, so its cost
+grows with the number of distinct values, not with rows: UTF-8, integer columns, the label
+(0 or 1) and optional extra per-column checks. A row is located (file line, 1-based, counting
+the Avazu header) only when a check fails.
+
+Malformed input raises ``RawFormatError`` (``on_bad_rows="error"``) or is skipped and counted
+by reason (``on_bad_rows="skip"``). Blank lines are skipped in both modes and counted as
+``empty_line``. gzip, bz2 and zstd files are recognised by their magic bytes and decompressed
+on the fly, whatever their name.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from data.schema import AVAZU, CRITEO, DatasetSchema
+
+DEFAULT_BLOCK_SIZE = 8 << 20
+# pyarrow's streaming CSV reader holds ~30-40 of its blocks in memory (read-ahead), so it
+# parses at most this many bytes at a time; the reader joins its batches up to block_size.
+PARSE_BLOCK_SIZE = 1 << 20
+ON_BAD_ROWS = ("error", "skip")
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
+_INT_RE = r"^-?[0-9]{1,18}$"
+_SNIFF_BYTES = 1 << 20
+
+# A validator gets a block's distinct values of one column (a utf8 array) and returns a bool
+# numpy mask of the bad ones, plus the phrase that completes "expected ..." in the message.
+Validator = Callable[[pa.Array], np.ndarray]
+
+
+class RawFormatError(ValueError):
+    """A raw input file is malformed; the message names the file, the line and the column.
+
+    Attributes:
+        path: the file.
+        line: 1-based line number in the (decompressed) file, or None when not tied to a line.
+        column: the column's name, or None.
+        reason: short machine-readable reason (``bad_integer``, ``column_count``...).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        message: str,
+        line: int | None = None,
+        column: str | None = None,
+        reason: str = "format",
+    ):
+        self.path = Path(path)
+        self.line = line
+        self.column = column
+        self.reason = reason
+        where = str(self.path.name)
+        if line is not None:
+            where += f":{line}"
+        text = f"{where}: column {column}: {message}" if column else f"{where}: {message}"
+        super().__init__(text)
+
+
+def detect_compression(path: str | os.PathLike) -> str | None:
+    """Compression of ``path`` from its magic bytes ('gzip', 'bz2', 'zstd'), or None for plain text."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for magic, codec in _MAGIC.items():
+        if head.startswith(magic):
+            return codec
+    return None
+
+
+def open_raw(path: str | os.PathLike) -> tuple[pa.NativeFile, pa.NativeFile]:
+    """Open ``path`` for reading: ``(raw_file, stream)``; the stream decompresses when needed.
+
+    ``raw_file.tell()`` is the position in the file on disk (for progress bars).
+    """
+    codec = detect_compression(path)
+    raw = pa.OSFile(str(path), "rb")
+    if codec is None:
+        return raw, raw
+    if not pa.Codec.is_available(codec):
+        raw.close()
+        raise RawFormatError(path, f"file is {codec}-compressed and this pyarrow lacks the {codec} codec")
+    return raw, pa.CompressedInputStream(raw, codec)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the first line says about a raw file: whether it carries the label column."""
+
+    labeled: bool
+    columns: tuple[str, ...]
+    compression: str | None
+
+
+def _looks_like(first: str) -> str | None:
+    tabs = first.split("\t")
+    commas = first.split(",")
+    if len(tabs) in (len(CRITEO.columns), len(CRITEO.test_columns)):
+        return f"a Criteo file ({len(tabs)} tab-separated columns)"
+    if commas[:2] == ["id", "click"] or commas[:2] == ["id", "hour"]:
+        return "an Avazu file (CSV header 'id,click,hour,...')"
+    if len(commas) in (len(AVAZU.columns), len(AVAZU.test_columns)):
+        return f"an Avazu file ({len(commas)} comma-separated columns)"
+    return None
+
+
+def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
+    """Check the start of ``path`` against ``schema``; return whether it is a train or test file.
+
+    Raises ``RawFormatError`` for an empty file, a header that does not match (saying which
+    dataset the file looks like) or a first line with the wrong number of columns.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, expected a raw {schema.name} file")
+    compression = detect_compression(path)
+    raw, stream = open_raw(path)
+    try:
+        head = stream.read(_SNIFF_BYTES)
+    except (OSError, pa.ArrowException) as e:
+        raise RawFormatError(path, f"cannot read the {compression or 'plain'} stream ({e})") from None
+    finally:
+        stream.close()
+        raw.close()
+    if not head.strip():
+        raise RawFormatError(path, "file is empty" if not head else "file holds only blank lines")
+    lines = head.split(b"\n")
+    if schema.has_header:
+        first_b = lines[0].rstrip(b"\r")
+        if first_b.startswith(b"\xef\xbb\xbf"):
+            first_b = first_b[3:]
+        first = first_b.decode("utf-8", errors="replace")
+        names = tuple(first.split(schema.delimiter))
+        if names == schema.columns:
+            return Layout(True, schema.columns, compression)
+        if names == schema.test_columns:
+            return Layout(False, schema.test_columns, compression)
+        other = _looks_like(first)
+        if other and "Avazu" not in other:
+            raise RawFormatError(
+                path, f"this looks like {other}, not {schema.name}: use --dataset criteo", line=1
+            )
+        shown = first if len(first) <= 80 else first[:77] + "..."
+        raise RawFormatError(
+            path,
+            f"header does not match {schema.name}: expected "
+            f"'{schema.delimiter.join(schema.columns[:4])}{schema.delimiter}...' "
+            f"({len(schema.columns)} columns), found '{shown}'",
+            line=1,
+        )
+    # No header (Criteo): the first non-blank line decides between train (40) and test (39).
+    for number, line_b in enumerate(lines[:-1] if len(lines) > 1 else lines, start=1):
+        line_b = line_b.rstrip(b"\r")
+        if not line_b:
+            continue
+        line = line_b.decode("utf-8", errors="replace")
+        n = len(line.split(schema.delimiter))
+        if n == len(schema.columns):
+            return Layout(True, schema.columns, compression)
+        if n == len(schema.test_columns):
+            return Layout(False, schema.test_columns, compression)
+        other = _looks_like(line)
+        if other and schema.name.capitalize() not in other:
+            raise RawFormatError(
+                path, f"this looks like {other}, not {schema.name}: use --dataset avazu", line=number
+            )
+        # Let the row-level checks report (or skip) it with the right column.
+        return Layout(True, schema.columns, compression)
+    return Layout(True, schema.columns, compression)
+
+
+@dataclass
+class RawBlock:
+    """One validated block of rows.
+
+    Attributes:
+        batch: dictionary-encoded columns (int32 indices, utf8 dictionary), bad rows removed.
+        first_row: index of the block's first row among all good rows of the file (0-based).
+    """
+
+    batch: pa.RecordBatch
+    first_row: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.batch.num_rows
+
+
+@dataclass
+class CountBlock:
+    """One validated block as counts: ``{column: (distinct utf8 values, int64 counts)}``.
+
+    Values may include entries with count 0 (from skipped rows).
+    """
+
+    counts: dict[str, tuple[pa.Array, np.ndarray]]
+    first_row: int
+    num_rows: int
+
+
+def _maybe_blank(values: Sequence[pa.Array]) -> bool:
+    """Whether every column has an empty value (only then can a block hold blank lines)."""
+    for v in values:
+        pos = pc.index(v, "").as_py()
+        if pos is None or pos < 0:
+            return False
+    return True
+
+
+@dataclass
+class _BadRow:
+    line: int
+    column: str | None
+    message: str
+    reason: str
+
+
+@dataclass
+class _Invalid:
+    """Rows the CSV parser rejected (wrong column count), recorded by the handler."""
+
+    lines: list[int] = field(default_factory=list)  # sorted: the parser runs in file order
+    first: _BadRow | None = None
+    count: int = 0
+
+
+def _column_count_message(columns: Sequence[str], actual: int, delimiter: str) -> tuple[str, str]:
+    kind = "tab-separated" if delimiter == "\t" else "comma-separated"
+    expected = len(columns)
+    if actual < expected:
+        col = columns[actual] if actual < expected else columns[-1]
+        return col, f"line ends early: expected {expected} {kind} columns, found {actual}"
+    return (
+        f"{expected + 1} (after {columns[-1]})",
+        f"too many columns: expected {expected} {kind} columns, found {actual}",
+    )
+
+
+def _describe(value: bytes, limit: int = 40) -> str:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(value[:limit])
+    if text == "":
+        return "an empty value"
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _combine(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+
+
+def _prefetch(it: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Run ``it`` in a background thread (parsing releases the GIL), ``depth`` batches ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, name="raw-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        t.join()
+
+
+class RawReader:
+    """Iterate over a raw Criteo / Avazu file as validated, dictionary-encoded blocks.
+
+    Args:
+        path: the raw file (plain, gzip, bz2 or zstd).
+        schema: the dataset's ``DatasetSchema``.
+        on_bad_rows: ``"error"`` raises ``RawFormatError`` at the first malformed row;
+            ``"skip"`` drops malformed rows and counts them in ``bad_rows`` by reason.
+        block_size: approximate bytes of parsed data per yielded block (pyarrow parses
+            ``PARSE_BLOCK_SIZE`` at a time; its batches are joined up to this size).
+        columns: columns to decode and yield (default: every column but ``schema.drop``).
+        require_label: raise ``RawFormatError`` if the file is the unlabeled test file.
+        validators: extra checks, ``{column: (fn, expected)}``; ``fn(distinct_values)`` returns a
+            bool mask of bad values, ``expected`` completes the message "expected ...".
+        prefetch: parse the next block in a background thread while the caller works.
+
+    After iteration, ``rows`` is the number of good rows and ``bad_rows`` the skipped rows by
+    reason (``column_count``, ``not_utf8``, ``bad_label``, ``bad_integer``, ``bad_value``,
+    ``empty_line``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        schema: DatasetSchema,
+        *,
+        on_bad_rows: str = "error",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        columns: Sequence[str] | None = None,
+        require_label: bool = False,
+        validators: dict[str, tuple[Validator, str]] | None = None,
+        prefetch: bool = True,
+    ):
+        if on_bad_rows not in ON_BAD_ROWS:
+            raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
+        if block_size < 1024:
+            raise ValueError(f"block_size must be at least 1024 bytes, got {block_size}")
+        self.path = Path(path)
+        self.schema = schema
+        self.on_bad_rows = on_bad_rows
+        self.block_size = int(block_size)
+        self.layout = sniff_layout(self.path, schema)
+        if require_label and not self.layout.labeled:
+            raise RawFormatError(
+                self.path,
+                f"this is an unlabeled {schema.name} test file ({len(self.layout.columns)} columns, "
+                f"no '{schema.label}' column); preprocessing needs the labeled train file",
+                line=1,
+            )
+        self.file_columns = self.layout.columns
+        wanted = columns if columns is not None else [c for c in self.file_columns if c not in schema.drop]
+        missing = [c for c in wanted if c not in self.file_columns]
+        if missing:
+            raise ValueError(f"columns {missing} are not in the {schema.name} file layout")
+        self.columns: tuple[str, ...] = tuple(wanted)
+        self.validators = dict(validators or {})
+        self.prefetch = prefetch
+        self.size = self.path.stat().st_size
+        self.rows = 0
+        self.bad_rows: dict[str, int] = {}
+        self._parsed = 0  # rows the parser produced (good + bad-content + blank)
+        self._invalid = _Invalid()
+        self._raw: pa.NativeFile | None = None
+        self._header_lines = 1 if schema.has_header else 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- progress -----------------------------------------------------------------------------
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of the file on disk consumed so far (compressed bytes for compressed files)."""
+        raw = self._raw
+        if raw is None or raw.closed:
+            return self.size if self._parsed else 0
+        try:
+            return min(int(raw.tell()), self.size)
+        except (OSError, ValueError, pa.ArrowException):
+            return 0
+
+    # -- line bookkeeping ---------------------------------------------------------------------
+    def _line_of(self, parsed_index: int) -> int:
+        """1-based file line of the parser's row ``parsed_index`` (0-based, rejected rows excluded)."""
+        line = self._header_lines + parsed_index + 1
+        for bad in self._invalid.lines:
+            if bad <= line:
+                line += 1
+            else:
+                break
+        return line
+
+    def _handler(self, row: pacsv.InvalidRow) -> str:
+        inv = self._invalid
+        inv.count += 1
+        if self.on_bad_rows == "error" and inv.first is None:
+            col, msg = _column_count_message(self.file_columns, row.actual_columns, self.schema.delimiter)
+            number = row.number if row.number is not None else -1
+            inv.first = _BadRow(number, col, msg, "column_count")
+        if row.number is not None and self.on_bad_rows == "error":
+            inv.lines.append(int(row.number))
+        return "skip"
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.bad_rows[reason] = self.bad_rows.get(reason, 0) + n
+
+    def _raise(self, bad: _BadRow) -> None:
+        raise RawFormatError(
+            self.path, bad.message, line=bad.line if bad.line >= 0 else None, column=bad.column, reason=bad.reason
+        )
+
+    # -- iteration ----------------------------------------------------------------------------
+    def _open(self) -> tuple[pa.NativeFile, pacsv.CSVStreamingReader]:
+        raw, stream = open_raw(self.path)
+        read_opts = pacsv.ReadOptions(
+            block_size=min(self.block_size, PARSE_BLOCK_SIZE),
+            use_threads=False,
+            column_names=list(self.file_columns),
+            skip_rows=self._header_lines,
+        )
+        parse_opts = pacsv.ParseOptions(
+            delimiter=self.schema.delimiter,
+            quote_char=False,
+            ignore_empty_lines=False,
+            invalid_row_handler=self._handler,
+        )
+        conv_opts = pacsv.ConvertOptions(
+            column_types={c: pa.binary() for c in self.file_columns},
+            include_columns=list(self.columns),
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        )
+        try:
+            reader = pacsv.open_csv(stream, read_options=read_opts, parse_options=parse_opts, convert_options=conv_opts)
+        except pa.ArrowInvalid as e:
+            raw.close()
+            raise self._arrow_error(e) from None
+        except OSError as e:
+            raw.close()
+            raise RawFormatError(self.path, f"cannot read ({e})") from None
+        return raw, reader
+
+    def _arrow_error(self, e: Exception) -> RawFormatError:
+        msg = str(e)
+        if "straddling" in msg or "straddles" in msg:
+            limit = min(self.block_size, PARSE_BLOCK_SIZE)
+            hint = "; raise --block-size" if limit < PARSE_BLOCK_SIZE else ""
+            return RawFormatError(self.path, f"a row is longer than the parser's block ({limit} bytes){hint}")
+        return RawFormatError(self.path, f"cannot parse: {msg.splitlines()[0] if msg else type(e).__name__}")
+
+    def __iter__(self) -> Iterator[RawBlock]:
+        """Validated blocks with dictionary-encoded columns (for encoding)."""
+        return self._iterate("encode")  # type: ignore[return-value]
+
+    def iter_counts(self) -> Iterator[CountBlock]:
+        """Validated blocks as per-column distinct values and counts (for counting)."""
+        return self._iterate("count")  # type: ignore[return-value]
+
+    def _iterate(self, mode: str) -> Iterator[RawBlock | CountBlock]:
+        self.rows = 0
+        self.bad_rows = {}
+        self._parsed = 0
+        self._invalid = _Invalid()
+        raw, reader = self._open()
+        self._raw = raw
+
+        def parsed() -> Iterator[pa.RecordBatch]:
+            while True:
+                try:
+                    b = reader.read_next_batch()
+                except StopIteration:
+                    return
+                except pa.ArrowInvalid as e:
+                    raise self._arrow_error(e) from None
+                except OSError as e:
+                    raise RawFormatError(self.path, f"cannot read ({e})") from None
+                yield b
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            # pyarrow's streaming reader buffers tens of its blocks ahead, so it parses small
+            # blocks (PARSE_BLOCK_SIZE) and they are joined here into blocks of ~block_size.
+            pending: list[pa.RecordBatch] = []
+            size = 0
+            for b in parsed():
+                pending.append(b)
+                size += b.nbytes
+                if size >= self.block_size:
+                    yield _combine(pending)
+                    pending, size = [], 0
+            if pending:
+                yield _combine(pending)
+
+        source = _prefetch(batches()) if self.prefetch else batches()
+        if self.prefetch:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="raw-encode")
+        try:
+            for batch in source:
+                block = self._validate(batch, mode)
+                inv = self._invalid.first
+                if inv is not None and (inv.line < 0 or inv.line <= self._line_of(self._parsed - 1)):
+                    self._raise(inv)
+                if block is not None and block.num_rows:
+                    yield block
+            if self._invalid.first is not None:
+                self._raise(self._invalid.first)
+            self._count("column_count", self._invalid.count)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+            raw.close()
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def _check_dictionary(self, name: str, dictionary: pa.Array) -> tuple[pa.Array, list[tuple[np.ndarray, str, str]]]:
+        """Validate one column's distinct values: ``(utf8_dictionary, [(bad_mask, reason, expected)])``."""
+        problems: list[tuple[np.ndarray, str, str]] = []
+        try:
+            text = dictionary.cast(pa.string())
+        except pa.ArrowInvalid:
+            values = dictionary.to_pylist()
+            bad = np.zeros(len(values), dtype=bool)
+            for i, v in enumerate(values):
+                try:
+                    v.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad[i] = True
+                    values[i] = b""
+            text = pa.array(values, type=pa.binary()).cast(pa.string())
+            problems.append((bad, "not_utf8", "UTF-8 text"))
+        schema = self.schema
+        if name == schema.label:
+            bad = ~pc.or_(pc.equal(text, "0"), pc.equal(text, "1")).to_numpy(zero_copy_only=False)
+            if bad.any():
+                problems.append((bad, "bad_label", "0 or 1"))
+        elif name in schema.integer_columns:
+            ok = pc.match_substring_regex(text, _INT_RE)
+            if schema.name == CRITEO.name:  # Criteo integers may be missing (empty)
+                ok = pc.or_(ok, pc.equal(text, ""))
+            bad = ~ok.to_numpy(zero_copy_only=False)
+            if bad.any():
+                problems.append((bad, "bad_integer", "an integer"))
+        if name in self.validators:
+            fn, expected = self.validators[name]
+            bad = np.asarray(fn(text), dtype=bool)
+            if bad.any():
+                problems.append((bad, "bad_value", expected))
+        return text, problems
+
+    def _map(self, fn: Callable[[pa.Array], pa.Array], columns: Sequence[pa.Array]) -> list[pa.Array]:
+        if self._pool is not None and len(columns[0]) >= 4096:
+            return list(self._pool.map(fn, columns))
+        return [fn(c) for c in columns]
+
+    def _validate(self, batch: pa.RecordBatch, mode: str) -> RawBlock | CountBlock | None:
+        n = batch.num_rows
+        first_parsed = self._parsed
+        self._parsed += n
+        if n == 0:
+            return None
+        names = list(self.columns)
+        if mode == "count":
+            # fast path: distinct values and their counts; rows are only looked at on a problem
+            vcs = self._map(pc.value_counts, batch.columns)
+            values = [vc.field(0) for vc in vcs]
+            checked = [self._check_dictionary(name, v) for name, v in zip(names, values, strict=True)]
+            if not any(found for _, found in checked) and not _maybe_blank(values):
+                block = CountBlock(
+                    {
+                        name: (text, vc.field(1).to_numpy(zero_copy_only=False))
+                        for name, (text, _), vc in zip(names, checked, vcs, strict=True)
+                    },
+                    self.rows,
+                    n,
+                )
+                self.rows += n
+                return block
+        encoded: list[pa.DictionaryArray] = []
+        # (column position, bad-value mask over the column's dictionary, raw dictionary, reason, expected)
+        problems: list[tuple[int, np.ndarray, pa.Array, str, str]] = []
+        dicts = self._map(pc.dictionary_encode, batch.columns)
+        for j, name in enumerate(names):
+            d = dicts[j]
+            text, found = self._check_dictionary(name, d.dictionary)
+            encoded.append(pa.DictionaryArray.from_arrays(d.indices, text))
+            problems.extend((j, bad, d.dictionary, reason, expected) for bad, reason, expected in found)
+        keep: np.ndarray | None = None
+        if problems:
+            # per row: index into ``problems`` of its first problem (column order), -1 if none
+            row_bad = np.full(n, -1, dtype=np.int32)
+            for k in range(len(problems) - 1, -1, -1):
+                j, bad = problems[k][0], problems[k][1]
+                row_bad[bad[encoded[j].indices.to_numpy(zero_copy_only=False)]] = k
+            blank = self._blank_rows(encoded)
+            if blank is not None:
+                row_bad[blank] = -2
+            if self.on_bad_rows == "error":
+                real = np.flatnonzero(row_bad >= 0)
+                if len(real):
+                    i = int(real[0])
+                    j, _, dictionary, reason, expected = problems[int(row_bad[i])]
+                    value = dictionary[encoded[j].indices[i].as_py()].as_py()
+                    line = self._line_of(first_parsed + i)
+                    inv = self._invalid.first
+                    if inv is not None and inv.line < line:
+                        self._raise(inv)
+                    self._raise(_BadRow(line, names[j], f"expected {expected}, found {_describe(value)}", reason))
+            else:
+                for k, (_, _, _, reason, _) in enumerate(problems):
+                    self._count(reason, int(np.count_nonzero(row_bad == k)))
+            self._count("empty_line", int(np.count_nonzero(row_bad == -2)))
+            keep = row_bad == -1
+        else:
+            blank = self._blank_rows(encoded)
+            if blank is not None:
+                self._count("empty_line", int(np.count_nonzero(blank)))
+                keep = ~blank
+        batch = pa.RecordBatch.from_arrays(encoded, names=names)
+        if keep is not None:
+            batch = batch.filter(pa.array(keep))
+        first = self.rows
+        self.rows += batch.num_rows
+        if mode == "count":
+            counts = {}
+            for name, col in zip(names, batch.columns, strict=True):
+                c = np.bincount(col.indices.to_numpy(zero_copy_only=False), minlength=len(col.dictionary))
+                counts[name] = (col.dictionary, c.astype(np.int64))
+            return CountBlock(counts, first, batch.num_rows)
+        return RawBlock(batch, first)
+
+    @staticmethod
+    def _blank_rows(encoded: list[pa.DictionaryArray]) -> np.ndarray | None:
+        """Rows whose every column is empty (blank lines), or None when there are none."""
+        empties = []
+        for d in encoded:
+            pos = pc.index(d.dictionary, "").as_py()
+            if pos is None or pos < 0:
+                return None
+            empties.append(pos)
+        mask: np.ndarray | None = None
+        for d, pos in zip(encoded, empties, strict=True):
+            m = d.indices.to_numpy(zero_copy_only=False) == pos
+            mask = m if mask is None else (mask & m)
+            if not mask.any():
+                return None
+        return mask

@@ -1,0 +1,148 @@
+"""Vectorised value transforms used by ``data.prepare`` (numpy / Arrow, never per-row Python).
+
+- Criteo integer bucketing: floor(ln(x)^2) for x > 2, x itself otherwise, missing kept apart.
+- Avazu ``hour`` (YYMMDDHH) -> hour of day, weekday (Monday = 0), weekend flag.
+- Deterministic split assignment (splitmix64 hash of the global row index and the seed).
+- 64-bit keys of strings, for fast vocabulary lookups with ``np.searchsorted``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+TRAIN, VAL, TEST = 0, 1, 2
+SPLIT_NAMES = ("train", "val", "test")
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of ``x + golden`` (a bijection on uint64), elementwise."""
+    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def random_split(first_row: int, n: int, seed: int) -> np.ndarray:
+    """Split codes (0 train, 1 val, 2 test; 8:1:1) of rows ``first_row .. first_row+n-1``.
+
+    Each row's code depends only on its global index and ``seed``, so it does not depend on
+    how the file was cut into blocks.
+    """
+    salt = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    idx = np.arange(first_row, first_row + n, dtype=np.uint64)
+    r = splitmix64(idx ^ salt) % np.uint64(10)
+    codes = np.zeros(n, dtype=np.int8)
+    codes[r == 8] = VAL
+    codes[r == 9] = TEST
+    return codes
+
+
+def time_split(first_row: int, n: int, total: int) -> np.ndarray:
+    """Split codes by position: the first 80% of ``total`` rows train, the next 10% val, the rest test."""
+    idx = np.arange(first_row, first_row + n, dtype=np.int64)
+    n_train, n_val = time_split_sizes(total)[:2]
+    codes = np.zeros(n, dtype=np.int8)
+    codes[idx >= n_train] = VAL
+    codes[idx >= n_train + n_val] = TEST
+    return codes
+
+
+def time_split_sizes(total: int) -> tuple[int, int, int]:
+    """(train, val, test) row counts of the time split of ``total`` rows."""
+    n_train = (total * 8) // 10
+    n_val = (total * 9) // 10 - n_train
+    return n_train, n_val, total - n_train - n_val
+
+
+def criteo_int_bucket(values: np.ndarray) -> np.ndarray:
+    """floor(ln(x)^2) where x > 2, else x itself (int64 in, int64 out)."""
+    v = np.asarray(values, dtype=np.int64)
+    out = v.copy()
+    big = v > 2
+    out[big] = np.floor(np.log(v[big].astype(np.float64)) ** 2).astype(np.int64)
+    return out
+
+
+def criteo_int_categories(text: pa.Array) -> pa.Array:
+    """Raw Criteo integer strings -> category strings: the bucket in decimal, missing ("") stays ""."""
+    text = text.cast(pa.string())
+    missing = pc.equal(text, "").to_numpy(zero_copy_only=False)
+    safe = pc.if_else(pa.array(missing), "0", text)
+    values = pc.cast(safe, pa.int64()).to_numpy(zero_copy_only=False)
+    cats = pa.array(criteo_int_bucket(values)).cast(pa.string())
+    return pc.if_else(pa.array(missing), "", cats)
+
+
+def _hour_parts(text: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    text = text.cast(pa.string())
+    ok = pc.match_substring_regex(text, r"^[0-9]{8}$").to_numpy(zero_copy_only=False)
+    safe = pc.if_else(pa.array(ok), text, "14010100")
+    v = pc.cast(safe, pa.int64()).to_numpy(zero_copy_only=False)
+    yy, mm, dd, hh = v // 1_000_000, (v // 10_000) % 100, (v // 100) % 100, v % 100
+    ok &= (mm >= 1) & (mm <= 12) & (dd >= 1) & (hh <= 23)
+    mm_c = np.clip(mm, 1, 12)
+    month = (yy + 30).astype("datetime64[Y]").astype("datetime64[M]") + (mm_c - 1).astype("timedelta64[M]")
+    days_in_month = ((month + np.timedelta64(1, "M")).astype("datetime64[D]") - month.astype("datetime64[D]")).astype(
+        np.int64
+    )
+    ok &= dd <= days_in_month
+    day = month.astype("datetime64[D]") + (np.clip(dd, 1, 31) - 1).astype("timedelta64[D]")
+    weekday = (day.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    return ok, hh, weekday, yy, mm
+
+
+def avazu_hour_bad(text: pa.Array) -> np.ndarray:
+    """Bool mask of values that are not a valid Avazu ``hour`` (YYMMDDHH, year 20YY)."""
+    return ~_hour_parts(text)[0]
+
+
+def avazu_hour_fields(text: pa.Array) -> dict[str, pa.Array]:
+    """Avazu ``hour`` strings -> {hour_of_day, weekday, is_weekend} category strings."""
+    _, hh, weekday, _, _ = _hour_parts(text)
+    return {
+        "hour_of_day": pa.array(hh).cast(pa.string()),
+        "weekday": pa.array(weekday).cast(pa.string()),
+        "is_weekend": pa.array((weekday >= 5).astype(np.int64)).cast(pa.string()),
+    }
+
+
+def string_keys(arr: pa.Array) -> np.ndarray:
+    """64-bit hash keys of a string/binary array (nulls not allowed), fully vectorised.
+
+    Equal strings get equal keys; different strings collide with probability ~2^-64, and
+    callers that need exactness check their key set for duplicates.
+    """
+    if pa.types.is_dictionary(arr.type):
+        raise TypeError("pass the dictionary, not the dictionary array")
+    if arr.null_count:
+        raise ValueError("string_keys: nulls are not allowed")
+    if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
+        arr = arr.cast(pa.binary())
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4).astype(np.int64)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    data = np.zeros(hi - lo + 8, dtype=np.uint8)
+    if hi > lo:
+        data[: hi - lo] = np.frombuffer(bufs[2], dtype=np.uint8, count=hi - lo, offset=lo)
+    starts = starts - lo
+    # every byte offset as the start of an unaligned little-endian uint64
+    words = np.ndarray(shape=(hi - lo + 1,), dtype="<u8", buffer=data, strides=(1,))
+    h = splitmix64(lengths.astype(np.uint64))
+    maxlen = int(lengths.max())
+    for j in range(0, maxlen, 8):
+        rem = np.clip(lengths - j, 0, 8)
+        w = words[np.minimum(starts + j, hi - lo)]
+        mask = np.where(rem >= 8, np.uint64(0xFFFFFFFFFFFFFFFF), (np.uint64(1) << (rem * 8).astype(np.uint64)) - np.uint64(1))
+        mixed = splitmix64(h ^ (w & mask))
+        h = np.where(rem > 0, mixed, h)  # only words inside the string
+    return h

@@ -1,0 +1,309 @@
+"""Benchmark: data.prepare's counting pass vs a chunked pandas ``read_csv`` doing the same counting.
+
+Each contender runs in its own subprocess (so peak RSS, ``ru_maxrss``, is its own), on the
+same Criteo-format file, in the same run:
+
+- ``arrow_count``: pass 1 of ``data.prepare`` (streaming pyarrow reader, per-block value counts
+  of every raw column, validation, Arrow merges) - exactly the code ``prepare`` runs;
+- ``pandas_count``: ``pd.read_csv(chunksize=...)`` with the values kept as raw strings
+  (``dtype=str``, no NA conversion: the same categories), per-chunk ``value_counts`` of every
+  column, merged with ``groupby(level=0).sum()``;
+- ``pandas_count_inferred``: the same with pandas' default type inference (the common idiom);
+- ``arrow_read_csv_ceiling`` / ``arrow_read_csv_inferred``: ``pyarrow.csv.read_csv``
+  multithreaded over the whole file (all-bytes columns / inferred types), parse only: the
+  parse ceiling of this machine;
+- ``prepare_full``: the whole ``prepare`` (both passes, parquet output), for reference.
+
+Input: ``--input FILE`` or a generated ``--rows``-row Criteo-format file (``data.synthetic``
+when available, else a small numpy/Arrow-vectorised writer in this file), cached in ``--out``.
+Results: ``--out/bench_prepare.json`` and ``.csv``.
+
+    python -m experiments.bench_prepare                 # 2M generated rows
+    python -m experiments.bench_prepare --input train.txt --skip prepare_full
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONTENDERS = (
+    "arrow_count",
+    "pandas_count",
+    "pandas_count_inferred",
+    "arrow_read_csv_ceiling",
+    "arrow_read_csv_inferred",
+    "prepare_full",
+)
+
+# Criteo Kaggle cardinalities of C1..C26 (raw) and rough missing rates, for a realistic file.
+_C_CARD = (1460, 583, 10_131_227, 2_202_608, 305, 24, 12_517, 633, 3, 93_145, 5_683, 8_351_593, 3_194,
+           27, 14_992, 5_461_306, 10, 5_652, 2_173, 4, 7_046_547, 18, 15, 286_181, 105, 142_572)
+_C_MISSING = (0, 0, 0.03, 0.03, 0, 0.12, 0, 0, 0, 0, 0, 0.03, 0, 0, 0, 0.03, 0, 0, 0.44, 0.44,
+              0.03, 0.76, 0, 0.03, 0.44, 0.44)
+_I_MISSING = (0.45, 0, 0.21, 0.22, 0.03, 0.22, 0.04, 0, 0.04, 0.45, 0.04, 0.77, 0.22)
+
+
+def _rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB.
+
+    ``VmHWM`` from /proc (Linux) belongs to this process's address space, so it is not
+    inflated by the parent's size at fork the way ``ru_maxrss`` is; ``ru_maxrss`` elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / scale
+
+
+# ---------------------------------------------------------------------------------------------
+# input file
+# ---------------------------------------------------------------------------------------------
+def write_criteo_like(path: Path, rows: int, seed: int = 0, chunk: int = 250_000) -> None:
+    """Vectorised writer of a Criteo-format TSV (label, I1..I13, C1..C26; Zipf-like values)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(seed)
+    hexdigits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+    shifts = np.arange(28, -1, -4, dtype=np.uint32)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for start in range(0, rows, chunk):
+            m = min(chunk, rows - start)
+            cols: list[Any] = [pa.array((rng.random(m) < 0.25).astype(np.int64)).cast(pa.string())]
+            for i in range(13):
+                v = rng.zipf(1.6, m).astype(np.int64) - 1
+                if i == 1:
+                    v -= 3  # I2 has negative values
+                s = pa.array(v).cast(pa.string())
+                cols.append(pc.if_else(pa.array(rng.random(m) < _I_MISSING[i]), "", s))
+            for i in range(26):
+                ids = np.minimum(rng.zipf(1.15, m), _C_CARD[i]).astype(np.uint64)
+                h = ((ids + np.uint64(i * 7919)) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
+                chars = hexdigits[(h.astype(np.uint32)[:, None] >> shifts) & 0xF]
+                s = pa.array(np.ascontiguousarray(chars).view("S8").ravel()).cast(pa.string())
+                cols.append(pc.if_else(pa.array(rng.random(m) < _C_MISSING[i]), "", s))
+            lines = pc.binary_join_element_wise(*cols, "\t")
+            f.write(("\n".join(lines.to_numpy(zero_copy_only=False)) + "\n").encode())
+    os.replace(tmp, path)
+
+
+def make_input(out: Path, rows: int, seed: int) -> Path:
+    """A cached Criteo-format file of ``rows`` rows under ``out``."""
+    path = out / f"criteo_like_{rows}rows_s{seed}.txt"
+    if path.exists():
+        return path
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    try:
+        from data.synthetic import generate  # the project's generator, when present
+    except ImportError:
+        generate = None
+    if generate is not None:
+        generate("criteo", rows, path, seed=seed, progress=True)
+        how = "data.synthetic.generate"
+    else:
+        write_criteo_like(path, rows, seed)
+        how = "built-in vectorised writer"
+    print(f"generated {path} ({rows:,} rows, {path.stat().st_size / 2**20:.0f} MiB) with {how} "
+          f"in {time.perf_counter() - t:.1f} s")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (each runs in its own process)
+# ---------------------------------------------------------------------------------------------
+def _work_arrow_count(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from data.prepare import count_pass, field_plans, make_reader, source_columns
+    from data.schema import CRITEO
+
+    rss0 = _rss_mb()
+    t = time.perf_counter()
+    reader = make_reader(CRITEO, path, block_size=args.block_size)
+    counts = count_pass(reader, source_columns(field_plans(CRITEO)), progress=False)
+    seconds = time.perf_counter() - t
+    distinct = sum(tab.num_rows for tab in counts.values())
+    return {"rows": reader.rows, "seconds": seconds, "distinct_values": distinct, "import_rss_mb": rss0}
+
+
+def _work_pandas_count(path: Path, args: argparse.Namespace, infer: bool) -> dict[str, Any]:
+    import pandas as pd
+
+    from data.schema import CRITEO
+
+    rss0 = _rss_mb()
+    names = list(CRITEO.columns)
+    kw: dict[str, Any] = {} if infer else {"dtype": str, "keep_default_na": False, "na_filter": False}
+    t = time.perf_counter()
+    acc: dict[str, list[pd.Series]] = {c: [] for c in names[1:]}
+    rows = 0
+    for chunk in pd.read_csv(path, sep="\t", header=None, names=names, chunksize=args.chunksize, **kw):
+        rows += len(chunk)
+        for c in names[1:]:
+            acc[c].append(chunk[c].value_counts(sort=False, dropna=False))
+            if len(acc[c]) >= 8:
+                acc[c] = [pd.concat(acc[c]).groupby(level=0, dropna=False).sum()]
+    counts = {c: pd.concat(v).groupby(level=0, dropna=False).sum() for c, v in acc.items()}
+    seconds = time.perf_counter() - t
+    return {"rows": rows, "seconds": seconds, "distinct_values": int(sum(len(s) for s in counts.values())),
+            "import_rss_mb": rss0}
+
+
+def _work_read_csv(path: Path, args: argparse.Namespace, infer: bool) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from data.schema import CRITEO
+
+    rss0 = _rss_mb()
+    names = list(CRITEO.columns)
+    conv = pacsv.ConvertOptions() if infer else pacsv.ConvertOptions(column_types={c: pa.binary() for c in names})
+    t = time.perf_counter()
+    table = pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(column_names=names, use_threads=True),
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=conv,
+    )
+    seconds = time.perf_counter() - t
+    return {"rows": table.num_rows, "seconds": seconds, "import_rss_mb": rss0}
+
+
+def _work_prepare_full(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+
+    from data.prepare import prepare
+
+    rss0 = _rss_mb()
+    out = Path(args.out) / "prepared_bench"
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    m = prepare("criteo", path, out, progress=False, block_size=args.block_size)
+    seconds = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return {"rows": m["rows"]["total"], "seconds": seconds, "num_features": m["num_features"], "import_rss_mb": rss0}
+
+
+def worker(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one contender in this process and return its measurements."""
+    if name == "arrow_count":
+        res = _work_arrow_count(path, args)
+    elif name == "pandas_count":
+        res = _work_pandas_count(path, args, infer=False)
+    elif name == "pandas_count_inferred":
+        res = _work_pandas_count(path, args, infer=True)
+    elif name == "arrow_read_csv_ceiling":
+        res = _work_read_csv(path, args, infer=False)
+    elif name == "arrow_read_csv_inferred":
+        res = _work_read_csv(path, args, infer=True)
+    elif name == "prepare_full":
+        res = _work_prepare_full(path, args)
+    else:
+        raise ValueError(f"unknown contender {name!r}")
+    res["peak_rss_mb"] = _rss_mb()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def run_in_subprocess(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "experiments.bench_prepare", "--worker", name, "--input", str(path),
+           "--out", str(args.out), "--block-size", str(args.block_size), "--chunksize", str(args.chunksize)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench_prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", metavar="FILE", help="a Criteo-format file (default: generate one)")
+    p.add_argument("--rows", type=int, default=2_000_000, help="rows of the generated file (default 2,000,000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated file")
+    p.add_argument("--out", default="runs/bench_prepare", help="results and cached input (default runs/bench_prepare)")
+    p.add_argument("--block-size", type=int, default=None, help="data.prepare block size in bytes (default: prepare's)")
+    p.add_argument("--chunksize", type=int, default=200_000, help="pandas read_csv chunk rows (default 200,000)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per contender; the fastest is kept (default 1)")
+    p.add_argument("--skip", nargs="*", default=[], choices=CONTENDERS, help="contenders to leave out")
+    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.block_size is None:
+        from data.reader import DEFAULT_BLOCK_SIZE
+
+        args.block_size = DEFAULT_BLOCK_SIZE
+    if args.worker:
+        print(json.dumps(worker(args.worker, Path(args.input), args)))
+        return 0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = Path(args.input) if args.input else make_input(out, args.rows, args.seed)
+    results: dict[str, dict[str, Any]] = {}
+    for name in CONTENDERS:
+        if name in args.skip:
+            continue
+        runs = [run_in_subprocess(name, path, args) for _ in range(max(1, args.repeat))]
+        best = min(runs, key=lambda r: r["seconds"])
+        best["rows_per_s"] = best["rows"] / best["seconds"]
+        best["rss_growth_mb"] = best["peak_rss_mb"] - best["import_rss_mb"]  # the work itself
+        results[name] = best
+        print(f"{name:<25} {best['rows']:>10,} rows {best['seconds']:7.2f} s {best['rows_per_s'] / 1e6:6.3f} M rows/s "
+              f"peak RSS {best['peak_rss_mb']:5.0f} MiB (imports {best['import_rss_mb']:3.0f}, "
+              f"work {best['rss_growth_mb']:4.0f})", flush=True)
+
+    summary: dict[str, Any] = {
+        "input": str(path.resolve()),
+        "input_bytes": path.stat().st_size,
+        "block_size": args.block_size,
+        "pandas_chunksize": args.chunksize,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "results": results,
+    }
+    if "arrow_count" in results:
+        a = results["arrow_count"]
+        for base in ("pandas_count", "pandas_count_inferred"):
+            if base in results:
+                b = results[base]
+                summary[f"speedup_vs_{base}"] = a["rows_per_s"] / b["rows_per_s"]
+                summary[f"peak_rss_ratio_vs_{base}"] = a["peak_rss_mb"] / b["peak_rss_mb"]
+                summary[f"rss_growth_ratio_vs_{base}"] = a["rss_growth_mb"] / b["rss_growth_mb"]
+                print(f"arrow_count vs {base}: {summary[f'speedup_vs_{base}']:.2f}x rows/s, "
+                      f"peak RSS ratio {summary[f'peak_rss_ratio_vs_{base}']:.2f} "
+                      f"(growth past imports {summary[f'rss_growth_ratio_vs_{base}']:.2f})")
+        if "arrow_read_csv_ceiling" in results:
+            c = results["arrow_read_csv_ceiling"]["rows_per_s"]
+            summary["fraction_of_parse_ceiling"] = a["rows_per_s"] / c
+            print(f"arrow_count reaches {summary['fraction_of_parse_ceiling']:.0%} of the multithreaded "
+                  f"read_csv parse ceiling ({c / 1e6:.3f} M rows/s)")
+    (out / "bench_prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out / "bench_prepare.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["contender", "rows", "seconds", "rows_per_s", "peak_rss_mb", "import_rss_mb", "rss_growth_mb"])
+        for name, r in results.items():
+            w.writerow([name, r["rows"], f"{r['seconds']:.3f}", f"{r['rows_per_s']:.0f}",
+                        f"{r['peak_rss_mb']:.0f}", f"{r['import_rss_mb']:.0f}", f"{r['rss_growth_mb']:.0f}"])
+    print(f"results: {out / 'bench_prepare.json'}, {out / 'bench_prepare.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

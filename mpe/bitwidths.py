@@ -1,0 +1,144 @@
+"""Bit-width facts in one place: candidate sets, the selection threshold and size accounting.
+
+Size accounting is exact: ``packed_table_bytes`` returns the number of payload bytes that
+``mpe.export.write_packed_export`` writes for the same bit assignment (bucket code files,
+``steps.npy``, ``offset.npy`` and ``id_map.npy``; ``header.json`` is metadata and is
+reported on its own). A test checks the equality against the files on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+DEFAULT_CANDIDATES: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
+MAX_BITS = 8
+FP32_BYTES = 4
+
+STEPS_FILE = "steps.npy"
+OFFSET_FILE = "offset.npy"
+ID_MAP_FILE = "id_map.npy"
+
+
+def bucket_file(bits: int) -> str:
+    """File name of the packed codes of the rows stored at ``bits`` bits."""
+    return f"bucket_b{int(bits)}.bin"
+
+
+def validate_candidates(bits: Iterable[int]) -> tuple[int, ...]:
+    """Sorted, de-duplicated candidate bit-widths, each an int in 0..8.
+
+    Raises ``ValueError`` for an empty set, non-integers (bools and non-integral floats
+    included) or values outside 0..8.
+    """
+    try:
+        values = list(bits)
+    except TypeError:
+        raise ValueError(f"bit-width candidates must be a sequence of ints, got {bits!r}") from None
+    if not values:
+        raise ValueError("bit-width candidates must not be empty")
+    out = []
+    for b in values:
+        if isinstance(b, (bool, np.bool_)) or not isinstance(b, (int, np.integer, float, np.floating)):
+            raise ValueError(f"bit-width candidate {b!r} is not an integer")
+        if isinstance(b, (float, np.floating)) and not float(b).is_integer():
+            raise ValueError(f"bit-width candidate {b!r} is not an integer")
+        b = int(b)
+        if not 0 <= b <= MAX_BITS:
+            raise ValueError(f"bit-width candidate {b} is outside 0..{MAX_BITS}")
+        out.append(b)
+    return tuple(sorted(set(out)))
+
+
+def threshold_probability(candidates: Iterable[int]) -> float:
+    """The selection threshold 1 / (2 |B|) (1/14 for seven candidates)."""
+    return 1.0 / (2 * len(validate_candidates(candidates)))
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """Signed integer code range ``(-2^(b-1), 2^(b-1) - 1)`` of a b-bit row; (0, 0) for b = 0."""
+    if not 0 <= bits <= MAX_BITS:
+        raise ValueError(f"bit-width {bits} is outside 0..{MAX_BITS}")
+    if bits == 0:
+        return 0, 0
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def packed_row_bytes(bits: int, dim: int) -> float:
+    """Bytes of one row's codes: ``bits * dim / 8`` (rows are packed back to back, so a
+    row need not end on a byte boundary; the bucket total is rounded up once)."""
+    code_range(bits)
+    return bits * dim / 8
+
+
+def bucket_code_bytes(num_rows: int, bits: int, dim: int) -> int:
+    """Bytes of a bucket file: ``ceil(num_rows * bits * dim / 8)``."""
+    return (int(num_rows) * int(bits) * int(dim) + 7) // 8
+
+
+def npy_file_bytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
+    """Exact size of ``np.save`` of an array of this shape and dtype (header + data)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    )
+    return buf.tell() + int(math.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def fp32_table_bytes(num_rows: int, dim: int) -> int:
+    """Bytes of the uncompressed fp32 table: ``num_rows * dim * 4``."""
+    return int(num_rows) * int(dim) * FP32_BYTES
+
+
+def bits_to_indices(bits_per_row: np.ndarray, candidates: Iterable[int]) -> np.ndarray:
+    """int64 [N] candidate index of every row's bit value; ``ValueError`` for a value not in B."""
+    cands = validate_candidates(candidates)
+    bits = np.asarray(bits_per_row)
+    if bits.ndim != 1:
+        raise ValueError(f"bits_per_row must be 1-D, got shape {bits.shape}")
+    if bits.size and (bits.min() < 0 or bits.max() > MAX_BITS):
+        raise ValueError(f"bit-widths must lie in 0..{MAX_BITS}")
+    lut = np.full(MAX_BITS + 1, -1, dtype=np.int64)
+    lut[list(cands)] = np.arange(len(cands))
+    idx = lut[bits.astype(np.int64)]
+    if bits.size and idx.min() < 0:
+        bad = sorted(set(np.unique(bits[idx < 0]).tolist()))
+        raise ValueError(f"bit-widths {bad} are not among the candidates {cands}")
+    return idx
+
+
+def packed_size_breakdown(bits_per_row: np.ndarray, dim: int, candidates: Iterable[int]) -> dict[str, int]:
+    """Bytes per export file for this bit assignment (file name -> bytes, files that the
+    export writes only). ``sum(values)`` is ``packed_table_bytes``."""
+    from mpe.packing import id_map_nbytes  # packing does not import this module's callers
+
+    cands = validate_candidates(candidates)
+    idx = bits_to_indices(bits_per_row, cands)
+    if idx.size == 0:
+        raise ValueError("a packed table needs at least one row")
+    counts = np.bincount(idx, minlength=len(cands))
+    sizes: dict[str, int] = {}
+    for b, n in zip(cands, counts.tolist(), strict=True):
+        if b > 0 and n > 0:
+            sizes[bucket_file(b)] = bucket_code_bytes(n, b, dim)
+    sizes[STEPS_FILE] = npy_file_bytes((len(cands),), np.float32)
+    sizes[OFFSET_FILE] = npy_file_bytes((int(dim),), np.float32)
+    sizes[ID_MAP_FILE] = npy_file_bytes((id_map_nbytes(idx, len(cands)),), np.uint8)
+    return sizes
+
+
+def packed_table_bytes(bits_per_row: np.ndarray, dim: int, candidates: Iterable[int]) -> int:
+    """Exact payload bytes of the bit-packed export of a table.
+
+    Args:
+        bits_per_row: int [N] bit value (not index) of every global row.
+        dim: embedding dimension D.
+        candidates: the candidate bit-widths B.
+
+    Returns ``sum_b ceil(n_b * b * D / 8)`` (codes) + ``steps.npy`` + ``offset.npy`` +
+    ``id_map.npy``, each .npy counted with its header, exactly as written.
+    """
+    return int(sum(packed_size_breakdown(bits_per_row, dim, candidates).values()))

@@ -1,0 +1,223 @@
+"""Load a bit-packed export (``mpe.export``) and serve rows from it without unpacking the table.
+
+``load_packed_export(dir)`` checks the header (format, schema version, its own checksum),
+confines every file name to the directory, and verifies the size and sha256 of every file
+before reading it; any problem raises ``ArtifactError`` naming the file. Lookups decode only
+the requested rows: each code is read from (at most) two bytes at its bit position.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data.artifacts import ArtifactError, load_npy, read_json, safe_child, verify_sha256
+from mpe.bitwidths import (
+    ID_MAP_FILE,
+    OFFSET_FILE,
+    STEPS_FILE,
+    bucket_code_bytes,
+    bucket_file,
+    validate_candidates,
+)
+from mpe.export import FORMAT, HEADER_FILE, SCHEMA_VERSION, header_digest
+from mpe.packing import KIND_IMPLICIT, IdSet, decode_id_map, unpack_codes
+from mpe.quantizer import _dequant
+
+
+def _gather_codes(buf: np.ndarray, rows: np.ndarray, dim: int, bits: int) -> np.ndarray:
+    """int16 [n, dim] codes of ``rows`` from a packed bucket ``buf`` (padded by one byte)."""
+    pos = (rows[:, None] * dim + np.arange(dim, dtype=np.int64)) * bits
+    byte, shift = pos >> 3, (pos & 7).astype(np.uint16)
+    word = buf[byte].astype(np.uint16) | (buf[byte + 1].astype(np.uint16) << np.uint16(8))
+    u = (word >> shift) & np.uint16((1 << bits) - 1)
+    return u.astype(np.int16) - np.int16(1 << (bits - 1))
+
+
+class PackedEmbedding:
+    """A packed table: ``lookup(ids) -> Tensor[n, D]`` decodes only the requested rows.
+
+    Attributes: ``dim``, ``num_rows``, ``candidates``, ``fields``, ``field_offsets``,
+    ``steps`` (float32 [|B|]), ``offset`` (float32 [D]), ``header`` (the parsed header).
+    """
+
+    def __init__(
+        self,
+        header: dict[str, Any],
+        steps: np.ndarray,
+        offset: np.ndarray,
+        kinds: list[int],
+        sets: dict[int, IdSet],
+        buckets: dict[int, np.ndarray],
+    ):
+        self.header = header
+        self.dim = int(header["dim"])
+        self.num_rows = int(header["num_rows"])
+        self.candidates = tuple(int(b) for b in header["candidates"])
+        self.fields = list(header["fields"])
+        self.field_offsets = [int(o) for o in header["field_offsets"]]
+        self.steps = torch.from_numpy(np.array(steps, dtype=np.float32))
+        self.offset = torch.from_numpy(np.array(offset, dtype=np.float32))
+        self._implicit = kinds.index(KIND_IMPLICIT)
+        self._sets = sets
+        self._buckets = {i: np.concatenate([b, np.zeros(1, dtype=np.uint8)]) for i, b in buckets.items()}
+
+    def num_bytes(self) -> int:
+        """Payload bytes on disk (codes + steps + offset + id map), as verified at load."""
+        return int(sum(int(f["bytes"]) for f in self.header["files"].values()))
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate index int64 [n], row within its bucket int64 [n]) of global ``ids``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        bucket = np.full(ids.shape, self._implicit, dtype=np.int64)
+        rank = np.zeros(ids.shape, dtype=np.int64)
+        stored_before = np.zeros(ids.shape, dtype=np.int64)
+        for i, s in self._sets.items():
+            less, hit = s.rank(ids)
+            bucket[hit], rank[hit] = i, less[hit]
+            stored_before += less
+        implicit = bucket == self._implicit
+        rank[implicit] = ids[implicit] - stored_before[implicit]
+        return bucket, rank
+
+    def lookup(self, global_ids: Tensor) -> Tensor:
+        """float32 [n, D] rows of ``global_ids`` (LongTensor [n]; any shape S gives [*S, D]).
+
+        A b-bit row is ``code * steps[b] + offset``; a pruned row is the zero vector.
+        """
+        ids_t = torch.as_tensor(global_ids)
+        ids = ids_t.detach().cpu().numpy().astype(np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_rows):
+            raise IndexError(f"ids must lie in 0..{self.num_rows - 1}")
+        bucket, rank = self.locate(ids)
+        out = torch.zeros(ids.size, self.dim, dtype=torch.float32)
+        for i, buf in self._buckets.items():
+            sel = np.flatnonzero(bucket == i)
+            if sel.size == 0:
+                continue
+            codes = torch.from_numpy(_gather_codes(buf, rank[sel], self.dim, self.candidates[i]))
+            out[torch.from_numpy(sel)] = _dequant(codes.to(torch.float32), self.steps[i], self.offset)
+        return out.view(*ids_t.shape, self.dim)
+
+    __call__ = lookup
+
+    def bucket_rows(self) -> dict[int, int]:
+        """Bit value -> number of rows stored at it (pruned rows under 0)."""
+        return {int(b): int(n) for b, n in self.header["bucket_rows"].items()}
+
+    def bucket_values(self, bits: int) -> Tensor:
+        """float32 [n_b, D]: every row stored at ``bits`` (> 0) bits, in ascending global id
+        order, decoded (the same values ``lookup`` returns for them)."""
+        i = self.candidates.index(int(bits))
+        if i not in self._buckets:
+            return torch.zeros(0, self.dim, dtype=torch.float32)
+        n = self.bucket_rows()[int(bits)]
+        codes = torch.from_numpy(unpack_codes(self._buckets[i][:-1], n, self.dim, int(bits)))
+        return _dequant(codes.to(torch.float32), self.steps[i], self.offset)
+
+    def file_bytes(self, name: str) -> int:
+        """Bytes of one payload file (e.g. ``id_map.npy``) as recorded and verified."""
+        return int(self.header["files"][name]["bytes"])
+
+    def bits_per_row(self) -> np.ndarray:
+        """int64 [N] bit-width of every row."""
+        bucket, _ = self.locate(np.arange(self.num_rows))
+        return np.asarray(self.candidates, dtype=np.int64)[bucket]
+
+    def to_dense(self) -> Tensor:
+        """float32 [N, D]: every row decoded (for tests and small tables)."""
+        return self.lookup(torch.arange(self.num_rows))
+
+
+def _fail(path: Path, why: str) -> ArtifactError:
+    return ArtifactError(f"{path}: {why}")
+
+
+def _read_header(root: Path) -> dict[str, Any]:
+    path = root / HEADER_FILE
+    header = read_json(path)
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    if header.get("format") != FORMAT:
+        raise _fail(path, f"not an {FORMAT} export (format {header.get('format')!r})")
+    if header.get("schema_version") != SCHEMA_VERSION:
+        raise _fail(
+            path, f"unsupported schema_version {header.get('schema_version')!r} (this reader knows {SCHEMA_VERSION})"
+        )
+    if header.get("header_sha256") != header_digest(header):
+        raise _fail(path, "header checksum mismatch; the header was edited or is corrupted")
+    try:
+        dim, num_rows = int(header["dim"]), int(header["num_rows"])
+        cands = validate_candidates(header["candidates"])
+        if list(cands) != list(header["candidates"]) or dim < 1 or num_rows < 1:
+            raise ValueError("bad dim, num_rows or candidates")
+        counts = {int(b): int(n) for b, n in header["bucket_rows"].items()}
+        if sorted(counts) != list(cands) or sum(counts.values()) != num_rows or min(counts.values()) < 0:
+            raise ValueError("bucket_rows do not cover the candidates and rows")
+        if not isinstance(header["files"], dict) or len(header["fields"]) != len(header["field_offsets"]):
+            raise ValueError("bad files or fields")
+        for info in header["files"].values():
+            int(info["bytes"]), str(info["sha256"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise _fail(path, f"malformed header ({e})") from None
+    return header
+
+
+def load_packed_export(export_dir: str | os.PathLike) -> PackedEmbedding:
+    """Verify and load the export in ``export_dir``; ``ArtifactError`` names the bad file."""
+    root = Path(export_dir)
+    header = _read_header(root)
+    cands = tuple(header["candidates"])
+    dim, num_rows = int(header["dim"]), int(header["num_rows"])
+    counts = {int(b): int(n) for b, n in header["bucket_rows"].items()}
+    expected = {bucket_file(b) for b, n in counts.items() if b > 0 and n > 0} | {STEPS_FILE, OFFSET_FILE, ID_MAP_FILE}
+
+    files: dict[str, Path] = {}
+    for name, info in header["files"].items():
+        path = safe_child(root, name)
+        if not path.is_file():
+            raise _fail(path, "file is missing")
+        size = path.stat().st_size
+        if size != int(info["bytes"]):
+            raise _fail(path, f"has {size} bytes, the header records {info['bytes']}; truncated or modified")
+        verify_sha256(path, info["sha256"])
+        files[name] = path
+    if set(files) != expected:
+        missing, extra = sorted(expected - set(files)), sorted(set(files) - expected)
+        raise _fail(root / HEADER_FILE, f"file list does not match the buckets (missing {missing}, unexpected {extra})")
+
+    steps = load_npy(files[STEPS_FILE])
+    if steps.dtype != np.float32 or steps.shape != (len(cands),):
+        raise _fail(files[STEPS_FILE], f"expected float32 [{len(cands)}], got {steps.dtype} {steps.shape}")
+    offset = load_npy(files[OFFSET_FILE])
+    if offset.dtype != np.float32 or offset.shape != (dim,):
+        raise _fail(files[OFFSET_FILE], f"expected float32 [{dim}], got {offset.dtype} {offset.shape}")
+    blob = load_npy(files[ID_MAP_FILE])
+    if blob.dtype != np.uint8 or blob.ndim != 1:
+        raise _fail(files[ID_MAP_FILE], f"expected a 1-D uint8 array, got {blob.dtype} {blob.shape}")
+    try:
+        kinds, sets = decode_id_map(blob, num_rows, len(cands))
+    except ValueError as e:
+        raise _fail(files[ID_MAP_FILE], f"id map does not decode ({e})") from None
+    stored = {i: s.count for i, s in sets.items()}
+    implicit = kinds.index(KIND_IMPLICIT)
+    stored[implicit] = num_rows - sum(stored.values())
+    for i, b in enumerate(cands):
+        if stored.get(i, 0) != counts[b]:
+            raise _fail(files[ID_MAP_FILE], f"id map holds {stored.get(i, 0)} rows at {b} bits, the header {counts[b]}")
+
+    buckets: dict[int, np.ndarray] = {}
+    for i, b in enumerate(cands):
+        if b == 0 or counts[b] == 0:
+            continue
+        path = files[bucket_file(b)]
+        buf = np.fromfile(path, dtype=np.uint8)
+        if buf.size != bucket_code_bytes(counts[b], b, dim):
+            raise _fail(path, f"has {buf.size} bytes, {counts[b]} rows at {b} bits need {bucket_code_bytes(counts[b], b, dim)}")
+        buckets[i] = buf
+    return PackedEmbedding(header, steps, offset, kinds, sets, buckets)
