@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 
 class ArtifactError(RuntimeError):
@@ -59,6 +58,8 @@ def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def atomic_torch_save(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Atomically ``torch.save`` a dict of tensors and plain values (read back with ``load_torch``)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -122,6 +123,8 @@ def load_torch(path: str | os.PathLike, expected_sha256: str | None = None) -> d
     """``torch.load`` with ``weights_only=True`` (no arbitrary unpickling), checksum optional."""
     if expected_sha256 is not None:
         verify_sha256(path, expected_sha256)
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

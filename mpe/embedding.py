@@ -6,8 +6,9 @@ bit-width of its frequency group:
 
 - phase ``"search"``: every group has logits over the candidate bit-widths;
   ``mode="expected"`` mixes all candidate quantizations by ``softmax(logits / tau)``
-  (the reference code), ``mode="sample"`` draws one bit-width per row with
-  Gumbel-softmax straight-through (one quantization per row: cheaper).
+  (the reference code), ``mode="sample"`` draws one bit-width per row (Gumbel-max)
+  and quantizes it once; the logits get a score-function gradient whose batch mean
+  matches the expected mode's (see ``LSQQuantizer.mix_sampled``). Cheaper per step.
   ``extra_loss()`` is the size penalty ``lambda * sum_g w_g * E_p[bits_g]``.
 - phase ``"fixed"``: every group has one bit-width (after selection); rows are
   quantized at it, exactly as the bit-packed export stores them.
