@@ -19,8 +19,13 @@ from genlora_rec.towers import TOWERS, build_tower
 from genlora_rec.trainer import TrainConfig, Trainer, evaluate
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model and optimisation options shared by the training CLIs."""
+def add_training_arguments(
+    parser: argparse.ArgumentParser,
+    evals_per_epoch: int = 1,
+    weight_decay: float | None = 0.0,
+    weight_decay_help: str = "L2 on embeddings and tower (default 0)",
+) -> None:
+    """Model and optimisation options shared by the training CLIs (``mpe.search`` too)."""
     g = parser.add_argument_group("model and training")
     g.add_argument("--tower", choices=sorted(TOWERS), default="dnn", help="dense tower (default dnn)")
     g.add_argument("--hidden", type=int, nargs="+", default=None, help="tower hidden sizes (default per tower)")
@@ -28,9 +33,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=1, help="training epochs (default 1)")
     g.add_argument("--batch-size", type=int, default=4096, help="batch size (default 4096)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="L2 on embeddings and tower (default 0)")
+    g.add_argument("--weight-decay", type=float, default=weight_decay, help=weight_decay_help)
     g.add_argument("--patience", type=int, default=3, help="validations without AUC gain before stopping")
-    g.add_argument("--evals-per-epoch", type=int, default=1, help="validations per epoch (default 1)")
+    g.add_argument("--evals-per-epoch", type=int, default=evals_per_epoch,
+                   help=f"validations per epoch (default {evals_per_epoch})")
     g.add_argument("--seed", type=int, default=2022, help="model seed (default 2022)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 

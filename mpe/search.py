@@ -32,7 +32,8 @@ from data.artifacts import (
 )
 from data.batches import PreparedDataset, SplitArrays
 from genlora_rec.model import CTRModel
-from genlora_rec.towers import TOWERS, build_tower
+from genlora_rec.towers import build_tower
+from genlora_rec.train import add_training_arguments
 from genlora_rec.trainer import FitResult, TrainConfig, Trainer, evaluate
 from mpe.bitwidths import (
     DEFAULT_CANDIDATES,
@@ -445,19 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau", type=float, default=3e-3, help="softmax temperature of the precision logits (default 3e-3)")
     g.add_argument("--selection", choices=SELECTIONS, default="threshold", help="how bits are chosen from the distributions")
     g.add_argument("--samples", type=int, default=16, help="budgeted selection: assignments drawn (default 16)")
-    t = p.add_argument_group("model and training")
-    t.add_argument("--tower", choices=sorted(TOWERS), default="dnn", help="dense tower (default dnn)")
-    t.add_argument("--hidden", type=int, nargs="+", default=None, help="tower hidden sizes (default per tower)")
-    t.add_argument("--dim", type=int, default=16, help="embedding dimension (default 16)")
-    t.add_argument("--epochs", type=int, default=1, help="max epochs of search and of retrain (default 1)")
-    t.add_argument("--batch-size", type=int, default=4096, help="batch size (default 4096)")
-    t.add_argument("--evals-per-epoch", type=int, default=2, help="validations per epoch (default 2)")
-    t.add_argument("--patience", type=int, default=3, help="validations without AUC gain before stopping (default 3)")
-    t.add_argument("--weight-decay", type=float, default=None, help=f"L2 on rows and tower (default per dataset: {DEFAULT_L2})")
-    t.add_argument("--seed", type=int, default=2022, help="model seed (default 2022)")
+    add_training_arguments(p, evals_per_epoch=2, weight_decay=None,
+                           weight_decay_help=f"L2 on rows and tower (default per dataset: {DEFAULT_L2})")
     p.add_argument("--out", default=None, help="run directory (default runs/mpe_<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -466,7 +458,7 @@ def config_from_args(args: argparse.Namespace) -> MPEConfig:
         dataset=args.dataset, lam=args.lam, target_ratio=args.target_ratio, groups=args.groups,
         candidates=validate_candidates(args.bits), mode=args.mode, tau=args.tau, selection=args.selection,
         samples=args.samples, tower=args.tower, hidden=tuple(args.hidden) if args.hidden else None,
-        dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, evals_per_epoch=args.evals_per_epoch,
+        dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, evals_per_epoch=args.evals_per_epoch,
         patience=args.patience, weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
     )
 
