@@ -1,26 +1,63 @@
 """Synthetic Criteo / Avazu files in the real raw formats, with a planted click model.
 
-    python -m data.synthetic --dataset criteo --rows 1000000 --out criteo.txt [--days D] [--drift X]
+    python -m data.synthetic --dataset criteo --rows 1000000 --out criteo.txt [--days D] [--drift X] [--seed S]
 
-The file is read by the same reader as the real data (``data.prepare``). Metadata, among
-it the oracle AUC (the AUC of the true click probabilities on the file, overall and per
-day), goes to ``FILE.meta.json`` so tests and benchmarks know the ceiling.
+The file is read unchanged by the reader of the real data (``data.reader`` / ``data.prepare``).
+Metadata, among it the oracle AUC (the AUC of the true click probabilities on the file's
+labels, overall and per day), goes to ``FILE.meta.json`` so tests and benchmarks know the
+ceiling a model can reach.
 
-Generative model
-- Every categorical field f has a cardinality K_f (the real dataset's, capped at
-  ``rows * CARD_CAP`` so small files still repeat values) and a Zipf law over value ranks,
-  P(rank r) ~ (r + 1)^-s_f. A value's raw token is a hash of (field, rank): 8 hex chars for
-  hashed fields, a small integer for integer-coded fields.
-- Click logit = b0 + sum_f a_f(v_f) + sum_{(f,g) in P} <u_f(v_f), u_g(v_g)> + c * z.
-  Effects a_f (scalar) and u_f (k = 4 vector) are pseudo-random normals derived from a
-  hash of (seed, field, rank), so no table is stored; their scale shrinks with rank,
-  (1 + r / 50)^-0.35: rare values carry weaker effects. P is a fixed set of field pairs.
-  z ~ N(0, 1) is a per-row latent that also drives the Criteo integer columns, which
-  are heavy-tailed (exp of a normal) and sometimes missing or negative, as in the real file.
-- b0 is solved on a pilot sample so the click rate is ~22% (Criteo) / ~17% (Avazu).
-- Drift: with D days and drift X, day d uses effects (1 - t) * e + t * e', t = X * d / (D - 1),
-  where e' is a second, independent draw of every effect. For Avazu, t is further scaled
-  per site_category (the domain) by a factor in [0.5, 1.5], so domains drift differently.
+Format
+- Criteo: tab-separated, no header, 40 columns: label, I1..I13 (integers, heavy-tailed,
+  sometimes empty, I2 sometimes negative), C1..C26 (8-hex-char tokens, sometimes empty;
+  emptiness is shared by the field groups that are empty together in the real file).
+- Avazu: CSV with the real header; ``id`` is a uint64, ``hour`` is YYMMDDHH from 14102100 over
+  ``days`` consecutive days; site/app/device fields are 8-hex-char tokens, C1, banner_pos,
+  device_type, device_conn_type and C14..C21 are integers from the real value ranges.
+- Rows are in time order: with D days, day d is rows [d*N/D, (d+1)*N/D) (Avazu: the 24
+  hours spread evenly over each day; Criteo has no time column, as in the real file).
+
+Feature values
+- Field f has K_f values: the real dataset's distinct count, capped at ``max(2, rows / 2)``
+  so small files still repeat values. A row draws value rank r with P(r) ~ (r + 1)^-s_f,
+  s_f in [1.05, 1.3] fixed per field. Ranks below 256 come from the exact pmf by inverse CDF
+  (a guide table of 2^14 buckets, ``np.searchsorted`` in the few buckets that straddle two
+  ranks); rarer ranks from the continuous power law x^-s on [r + 0.5, r + 1.5), which matches
+  the pmf to better than 0.1%. Where the real field has one dominant value (Avazu device_id
+  'a99f214a' ~82%, C1 1005 ~92%, Criteo C9 ~89%...) rank 0 gets that share and the rest stays
+  Zipf. A value's token is a bijective 32-bit hash of the rank salted by (seed, field), so
+  tokens within a field are distinct; Avazu's integer fields map ranks to real values.
+
+Click model (the oracle)
+    logit = b0[day] + g_f sum_f w_f a_f(v_f) + g_p sum_{(f,g) in P} <u_f(v_f), u_g(v_g)>
+            + c_z z (Criteo)  |  + 0.2 sin(2 pi (hour - 8) / 24) + 0.1 weekend (Avazu)
+- a_f (scalar) and u_f (k = 4 vector) are N(0, 1) draws times a strength (1 + r / 20)^-0.4
+  that decays with the value's Zipf rank r, so rare values carry weaker effects. Draws are
+  stored for the first 2^16 ranks of each field (a seeded float32 table per field); rarer
+  ranks take the draw of a table slot chosen by hashing the rank (their own strength
+  still applies). An empty (missing) value has its own draw at full strength. w_f are
+  per-field weights (log-normal); P is a fixed set of field pairs. The field and pair sums
+  are scaled to fixed standard deviations (1.1 and 0.65-0.72) on the pilot sample below.
+- Criteo: z ~ N(0, 1) is a per-row latent that also drives the integer columns: I_j =
+  max(floor(exp(mu_j + sd_j g)) - 1, 0), g = l_j z + sqrt(1 - l_j^2) e, e ~ N(0, 1), so the
+  integers carry noisy signal about z (I2 is also -1..-3 on 5% of rows, as in the real file).
+- b0[day] is solved by bisection on a 50k-row pilot sample under that day's model, so the
+  click rate is ~22% (Criteo) / ~17% (Avazu) on every day, drift or not (Avazu weekends a
+  little higher). Labels ~ Bernoulli(sigmoid(logit)). The oracle AUC (~0.80 for both
+  datasets) is ``roc_auc_score(labels, p)`` on the file, computed by ``auc`` below.
+
+Drift (``--drift X``, 0 = none)
+- Every effect has a second, independent draw e' next to e. On day d of D the effects are
+  cos(theta) e + sin(theta) e' with theta = pi/2 * t and t = X * d / (D - 1): day 0 uses e,
+  and with X = 1 the last day uses e' (a fully new model); X > 1 keeps rotating. The rotation
+  keeps every effect's variance, so the oracle AUC stays comparable across days. For Avazu t
+  is also scaled per site_category (the domain) by a factor in [0.5, 1.5] drawn per category,
+  so domains drift at different speeds. The oracle AUC of a day uses that day's model.
+
+Everything is seeded: the same arguments give a byte-identical file. Generation is
+vectorised numpy in chunks of 200k rows; pyarrow's CSV writer writes chunk k in a background
+thread while chunk k + 1 is drawn. The file is written to a temporary file in the same
+directory and renamed (after the metadata), so a present file always has its metadata.
 """
 
 from __future__ import annotations
@@ -30,22 +67,30 @@ import math
 import os
 import sys
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from data.artifacts import atomic_write_json
 from data.schema import AVAZU_CAT_COLUMNS, CRITEO_CAT_COLUMNS, CRITEO_INT_COLUMNS, get_schema
-from data.transforms import splitmix64
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CHUNK_ROWS = 200_000
-CARD_CAP = 0.5
+PILOT_ROWS = 50_000
+CARD_CAP = 0.5  # cardinality cap as a fraction of the row count
+EXACT_RANKS = 256  # ranks sampled from the exact pmf; rarer ones from the continuous power law
+GUIDE_BUCKETS = 1 << 14  # guide table: u's bucket -> its rank when the bucket holds one rank
+TABLE_RANKS = 1 << 16  # ranks with a stored effect draw; rarer ones hash to a slot
 LATENT_DIM = 4
+STRENGTH_R0, STRENGTH_POW = 20.0, 0.4
+TARGET_CTR = {"criteo": 0.22, "avazu": 0.17}
+START_DATE = np.datetime64("2014-10-21", "D")  # Avazu's first day (a Tuesday)
 
 # Distinct values per field in the full public train files (Criteo Kaggle, Avazu).
 CRITEO_CARDINALITY = dict(zip(CRITEO_CAT_COLUMNS, (
@@ -56,135 +101,419 @@ AVAZU_CARDINALITY = dict(zip(AVAZU_CAT_COLUMNS, (
     7, 7, 4737, 7745, 26, 8552, 559, 36, 2686408, 6729486, 8251, 5, 4, 2626, 8, 9, 435,
     4, 68, 172, 60,
 ), strict=True))
-AVAZU_INT_CODED = {"C1", "banner_pos", "device_type", "device_conn_type", "C14", "C15", "C16",
-                   "C17", "C18", "C19", "C20", "C21"}
-# Criteo integer columns: (probability missing, log-scale mean, log-scale sd).
-CRITEO_INT_SHAPE = {
-    "I1": (0.45, 0.5, 1.2), "I2": (0.0, 2.0, 2.0), "I3": (0.21, 1.8, 1.5), "I4": (0.22, 1.5, 1.0),
-    "I5": (0.03, 7.0, 2.5), "I6": (0.22, 3.5, 2.0), "I7": (0.04, 1.5, 1.5), "I8": (0.0, 2.3, 1.0),
-    "I9": (0.04, 3.5, 1.5), "I10": (0.45, 0.3, 0.6), "I11": (0.04, 0.8, 1.0), "I12": (0.76, 0.2, 0.8),
-    "I13": (0.22, 1.7, 1.2),
+# Share of rows holding a field's most frequent value, where the real file has one dominant value.
+HEAD_SHARE = {
+    "criteo": {"C9": 0.89, "C17": 0.30, "C20": 0.35, "C23": 0.30},
+    "avazu": {"C1": 0.92, "banner_pos": 0.72, "site_id": 0.36, "site_domain": 0.37, "site_category": 0.41,
+              "app_id": 0.64, "app_domain": 0.67, "app_category": 0.65, "device_id": 0.82,
+              "device_type": 0.92, "device_conn_type": 0.86, "C15": 0.93, "C16": 0.94, "C18": 0.42,
+              "C20": 0.47},
 }
-TARGET_CTR = {"criteo": 0.22, "avazu": 0.17}
+# Avazu integer-coded fields: real values (most frequent first) or the real range to draw from.
+AVAZU_INT_VALUES: dict[str, tuple[int, ...]] = {
+    "C1": (1005, 1002, 1010, 1012, 1007, 1001, 1008),
+    "banner_pos": (0, 1, 7, 2, 4, 5, 3),
+    "device_type": (1, 0, 4, 5, 2),
+    "device_conn_type": (0, 2, 3, 5),
+    "C15": (320, 300, 216, 728, 120, 1024, 480, 768),
+    "C16": (50, 250, 36, 480, 90, 20, 768, 320, 1024),
+    "C18": (0, 3, 2, 1),
+}
+AVAZU_INT_RANGE = {"C14": (375, 24052), "C17": (112, 2758), "C19": (33, 1959), "C20": (100000, 100248),
+                   "C21": (1, 219)}
+# Criteo: fields that are empty together, and how often.
+CRITEO_MISSING = (
+    (("C19", "C20", "C25", "C26"), 0.44), (("C22",), 0.76), (("C6",), 0.12),
+    (("C3", "C4", "C12", "C16", "C21", "C24"), 0.034),
+)
+# Criteo integer columns: (probability missing, log-scale mean, log-scale sd, loading on z).
+CRITEO_INT_SHAPE = {
+    "I1": (0.45, 0.5, 1.2, 0.7), "I2": (0.0, 2.0, 2.0, -0.5), "I3": (0.21, 1.8, 1.5, 0.6),
+    "I4": (0.22, 1.5, 1.0, -0.6), "I5": (0.03, 7.0, 2.5, 0.5), "I6": (0.22, 3.5, 2.0, 0.7),
+    "I7": (0.04, 1.5, 1.5, 0.6), "I8": (0.0, 2.3, 1.0, -0.5), "I9": (0.04, 3.5, 1.5, 0.6),
+    "I10": (0.45, 0.3, 0.6, 0.7), "I11": (0.04, 0.8, 1.0, 0.7), "I12": (0.76, 0.2, 0.8, 0.5),
+    "I13": (0.22, 1.7, 1.2, -0.6),
+}
 PAIRS = {
     "criteo": (("C1", "C2"), ("C3", "C4"), ("C5", "C6"), ("C10", "C13"), ("C14", "C17"), ("C7", "C11"),
-               ("C12", "C16"), ("C2", "C19")),
+               ("C12", "C16"), ("C2", "C19"), ("C24", "C26"), ("C15", "C18")),
     "avazu": (("site_id", "app_id"), ("site_category", "device_model"), ("C14", "banner_pos"),
-              ("app_category", "device_conn_type"), ("C17", "C21"), ("device_ip", "site_domain")),
+              ("app_category", "device_conn_type"), ("C17", "C21"), ("device_ip", "site_domain"),
+              ("C19", "device_type"), ("app_domain", "C16")),
 }
-FIELD_SCALE = {"criteo": 0.4, "avazu": 0.55}
-PAIR_SCALE = 0.45
+# Standard deviations of the logit's field and pair terms (set on the pilot sample, so the
+# oracle AUC is ~0.80 whatever the seed and row count), and the weight of Criteo's row latent.
+FIELD_STD = {"criteo": 1.1, "avazu": 1.1}
+PAIR_STD = {"criteo": 0.65, "avazu": 0.72}
+Z_SCALE = 0.5
+
+_U64 = np.uint64
+_HEX = b"0123456789abcdef"
+# Byte b -> its two hex characters as a little-endian uint16 (first character in the low byte).
+_HEX_LUT = np.array([_HEX[b >> 4] | (_HEX[b & 15] << 8) for b in range(256)], dtype="<u2")
 
 
-def _field_salt(seed: int, field: str, draw: int) -> np.uint64:
-    h = np.uint64(seed * 1_000_003 + draw * 7919)
-    for ch in field.encode():
-        h = splitmix64(np.array([h ^ np.uint64(ch)], dtype=np.uint64))[0]
-    return h
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (a bijection on uint64), elementwise."""
+    z = np.asarray(x, dtype=_U64) + _U64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return z ^ (z >> _U64(31))
 
 
-def _normals(ranks: np.ndarray, salt: np.uint64, k: int) -> np.ndarray:
-    """Deterministic N(0, 1) draws [n, k] keyed by (salt, rank, j) (Box-Muller on hashes)."""
-    base = ranks.astype(np.uint64)[:, None] * np.uint64(2 * k + 1) + np.arange(2 * k, dtype=np.uint64)
-    u = (splitmix64(base ^ salt) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    u1, u2 = np.maximum(u[:, :k], 1e-12), u[:, k:]
-    return np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2)
+def _hash32(x: np.ndarray, salt: int) -> np.ndarray:
+    """A bijection on uint32 (xor with salt, then lowbias32), elementwise."""
+    z = x.astype(np.uint32) ^ np.uint32(salt & 0xFFFFFFFF)
+    z ^= z >> np.uint32(16)
+    z *= np.uint32(0x7FEB352D)
+    z ^= z >> np.uint32(15)
+    z *= np.uint32(0x846CA68B)
+    z ^= z >> np.uint32(16)
+    return z
+
+
+def _salt(*parts: int | str) -> int:
+    """A 64-bit salt from a tuple of ints and strings (stable across runs and platforms)."""
+    h = _U64(0x243F6A8885A308D3)
+    for p in parts:
+        for v in [*(p.encode() if isinstance(p, str) else [p & 0xFFFFFFFFFFFFFFFF]), 0]:
+            h = _mix64(np.array([h ^ _U64(v)]))[0]
+    return int(h)
+
+
+def _hex_tokens(h: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """uint32 hashes -> fixed-size binary array of 8 lowercase hex chars (null where ``valid`` is False).
+
+    pyarrow's CSV writer writes these as text; no per-value string objects are made.
+    """
+    n = len(h)
+    chars = np.take(_HEX_LUT, h.astype(">u4").view(np.uint8))  # [n * 4] uint16 = [n * 8] chars
+    validity = None
+    if valid is not None and not valid.all():
+        validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), n, [validity, pa.py_buffer(chars)])
+
+
+def _ints(v: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """int64 column (null where ``valid`` is False); the CSV writer formats it."""
+    return pa.array(v.astype(np.int64), mask=None if valid is None else ~valid)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC with midrank ties (equals ``sklearn.metrics.roc_auc_score``), low memory.
+
+    Sorts the positive and the negative scores separately and counts, for each positive, the
+    negatives below it (ties count one half). NaN when one class is absent.
+    """
+    y = np.asarray(labels).astype(bool)
+    pos, neg = np.sort(scores[y]), np.sort(scores[~y])
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    below = 0.0
+    for s in range(0, len(pos), 1 << 22):
+        p = pos[s:s + (1 << 22)]
+        lo = np.searchsorted(neg, p, side="left")
+        hi = np.searchsorted(neg, p, side="right")
+        below += float(lo.sum(dtype=np.int64)) + 0.5 * float((hi - lo).sum(dtype=np.int64))
+    return below / (len(pos) * len(neg))
+
+
+@dataclass
+class _Effects:
+    """One draw of a field's planted effects: scalar [T + 1] and latent [k, T + 1] (last slot = missing)."""
+
+    bias: np.ndarray
+    latent: np.ndarray
 
 
 class _Field:
-    """One categorical field: Zipf sampler, raw tokens, planted effects."""
+    """One categorical field: Zipf sampler, raw tokens, planted effects (two draws for drift)."""
 
-    def __init__(self, name: str, card: int, exponent: float, seed: int, int_coded: bool):
-        self.name, self.card, self.int_coded = name, card, int_coded
-        pmf = (np.arange(card, dtype=np.float64) + 1.0) ** -exponent
-        self.cdf = np.cumsum(pmf / pmf.sum())
-        self.salts = [_field_salt(seed, name, d) for d in range(2)]
-        self.token_salt = _field_salt(seed, name, 99)
-        self.int_base = int(splitmix64(np.array([self.token_salt]))[0] % np.uint64(2000))
+    def __init__(self, dataset: str, index: int, name: str, full_card: int, rows: int, seed: int):
+        self.name = name
+        self.full_card = full_card
+        self.card = max(1, min(full_card, max(2, int(rows * CARD_CAP))))
+        unit = _salt("zipf", dataset, name) / 2.0**64
+        self.exponent = 1.05 + 0.25 * unit
+        self.int_values = self._int_values(dataset, name)
+        if self.int_values is not None:
+            self.card = min(self.card, len(self.int_values))
+        self._build_sampler(HEAD_SHARE[dataset].get(name))
+        self.token_salt = _salt("token", seed, dataset, name)
+        self.slot_salt = _salt("slot", seed, dataset, name)
+        self.table = min(self.card, TABLE_RANKS)
+        ranks = np.arange(self.table, dtype=np.float64)
+        self.head_strength = np.append((1.0 + ranks / STRENGTH_R0) ** -STRENGTH_POW, 1.0).astype(np.float32)
+        self.draws = []
+        for d in range(2):
+            rng = np.random.default_rng([seed, 7919, index, d, 1 if dataset == "criteo" else 2])
+            eff = rng.standard_normal((self.table + 1, 1 + LATENT_DIM), dtype=np.float32)
+            self.draws.append(_Effects(np.ascontiguousarray(eff[:, 0]), np.ascontiguousarray(eff[:, 1:].T)))
+
+    @staticmethod
+    def _int_values(dataset: str, name: str) -> np.ndarray | None:
+        if dataset != "avazu":
+            return None
+        if name in AVAZU_INT_VALUES:
+            return np.array(AVAZU_INT_VALUES[name], dtype=np.int64)
+        if name in AVAZU_INT_RANGE:
+            lo, hi = AVAZU_INT_RANGE[name]
+            k = AVAZU_CARDINALITY[name]
+            rng = np.random.default_rng(_salt("values", name) >> 1)
+            if name == "C20":  # -1 is the most frequent C20 value in the real file
+                return np.concatenate([[-1], lo + rng.permutation(hi - lo + 1)[:k - 1]])
+            return lo + rng.permutation(hi - lo + 1)[:k]
+        return None
+
+    def _build_sampler(self, head_share: float | None) -> None:
+        s, k = self.exponent, self.card
+        h = min(k, EXACT_RANKS)
+        pmf = (np.arange(h, dtype=np.float64) + 1.0) ** -s
+        # Ranks [h, k): density x^-s on [h + 0.5, k + 0.5), rank = floor(x - 0.5); the mass of
+        # rank r is then (r + 1)^-s to within s(s+1)/24/(r+1)^2 (relative): the Zipf pmf.
+        a, b = (h + 0.5) ** (1 - s), (k + 0.5) ** (1 - s)
+        tail = (b - a) / (1 - s) if k > h else 0.0
+        if head_share is not None and k > 1:
+            pmf[0] = head_share / (1 - head_share) * (pmf[1:].sum() + tail)
+        z = pmf.sum() + tail
+        self.cdf = np.cumsum(pmf) / z
+        self.p_tail = tail / z
+        self.tail_ab = (a, b)
+        # rank(u) = searchsorted(cdf, u, "right") is monotone, so a bucket [i/G, (i+1)/G) whose
+        # two ends give the same rank holds one rank: a lookup replaces the binary search.
+        ends = np.searchsorted(self.cdf, np.arange(GUIDE_BUCKETS + 1) / GUIDE_BUCKETS, side="right")
+        self.guide = ends[:-1].astype(np.int64)
+        self.ambiguous = ends[:-1] != ends[1:]
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return np.minimum(np.searchsorted(self.cdf, rng.random(n)), self.card - 1)
+        """Draw ``n`` value ranks (int64)."""
+        u = rng.random(n)
+        bucket = (u * GUIDE_BUCKETS).astype(np.int64)
+        r = np.take(self.guide, bucket)
+        amb = np.take(self.ambiguous, bucket)
+        if amb.any():
+            r[amb] = np.searchsorted(self.cdf, u[amb], side="right")
+        if self.p_tail > 0:
+            t = r >= len(self.cdf)
+            if t.any():
+                s = self.exponent
+                a, b = self.tail_ab
+                v = np.clip((u[t] - (1.0 - self.p_tail)) / self.p_tail, 0.0, 1.0)
+                x = (a + v * (b - a)) ** (1.0 / (1 - s))
+                r[t] = np.clip(np.floor(x - 0.5).astype(np.int64), len(self.cdf), self.card - 1)
+        return np.minimum(r, self.card - 1, out=r)
 
-    def effects(self, ranks: np.ndarray, draw: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scalar effect [n], latent [n, k]) for value ranks, scaled down for rare values."""
-        z = _normals(ranks, self.salts[draw], LATENT_DIM + 1)
-        strength = (1.0 + ranks / 50.0) ** -0.35
-        return z[:, 0] * strength, z[:, 1:] * strength[:, None]
+    def slots(self, ranks: np.ndarray, missing: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(effect-table slot [n], strength [n] float32) of value ranks; missing values use the last slot."""
+        if self.card <= self.table:
+            slot, strength = ranks.copy(), np.take(self.head_strength, ranks)
+        else:
+            slot = ranks.copy()
+            strength = np.take(self.head_strength, np.minimum(ranks, self.table))
+            tail = ranks >= self.table
+            if tail.any():
+                rt = ranks[tail]
+                slot[tail] = _hash32(rt, self.slot_salt) % np.uint32(self.table)
+                strength[tail] = (1.0 + rt / STRENGTH_R0) ** -STRENGTH_POW
+        if missing is not None:
+            slot[missing] = self.table
+            strength[missing] = 1.0
+        return slot, strength
 
-    def tokens(self, ranks: np.ndarray) -> pa.Array:
-        if self.int_coded:
-            return pa.array((self.int_base + ranks).astype(np.int64)).cast(pa.string())
-        h = (splitmix64(ranks.astype(np.uint64) ^ self.token_salt) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        nibbles = (h[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & np.uint32(15)
-        ascii_ = np.where(nibbles < 10, nibbles + 48, nibbles + 87).astype(np.uint8)
-        return pa.array(np.ascontiguousarray(ascii_).view("S8").ravel()).cast(pa.string())
+    def tokens(self, ranks: np.ndarray, missing: np.ndarray | None) -> pa.Array:
+        valid = None if missing is None else ~missing
+        if self.int_values is not None:
+            return _ints(np.take(self.int_values, ranks), valid)
+        return _hex_tokens(_hash32(ranks, self.token_salt), valid)
 
 
 class _Model:
-    """The planted click model of one dataset (fields, pairs, calibration)."""
+    """The planted click model of one dataset: fields, weights, pairs, global bias."""
 
-    def __init__(self, dataset: str, rows: int, seed: int):
-        self.dataset = dataset
+    def __init__(self, dataset: str, rows: int, seed: int, days: int = 1, drift: float = 0.0):
+        self.dataset, self.days, self.drift = dataset, days, drift
         cards = CRITEO_CARDINALITY if dataset == "criteo" else AVAZU_CARDINALITY
-        rng = np.random.default_rng(seed)
-        self.fields = {
-            name: _Field(name, max(2, min(full, int(rows * CARD_CAP))), float(rng.uniform(1.05, 1.3)), seed,
-                         dataset == "avazu" and name in AVAZU_INT_CODED)
-            for name, full in cards.items()
-        }
+        self.fields = {name: _Field(dataset, i, name, full, rows, seed) for i, (name, full) in enumerate(cards.items())}
+        rng = np.random.default_rng([seed, 31337, 1 if dataset == "criteo" else 2])
+        w = np.exp(0.6 * rng.standard_normal(len(self.fields)))
+        self.weights = dict(zip(self.fields, w / np.sqrt((w**2).sum()), strict=True))
         self.pairs = PAIRS[dataset]
-        self.domain_salt = _field_salt(seed, "domain", 7)
-        self.b0 = 0.0
+        self.field_gain = self.pair_gain = 1.0  # set by _calibrate
+        self.paired = {f for pair in self.pairs for f in pair}
+        self.domain_salt = _salt("domain", seed)
+        self.b0 = np.zeros(days)  # global bias per day, set by _calibrate
 
-    def logits(self, ranks: dict[str, np.ndarray], z: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """Click logits [n] for value ranks per field, row latent z [n] and drift t [n]."""
-        n = len(z)
-        nf = len(self.fields)
-        logit = np.full(n, self.b0) + 0.4 * z
-        latents = {}
+    def draw_ranks(self, rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Value ranks per field and, for Criteo, missing masks per field."""
+        ranks = {name: f.sample(rng, n) for name, f in self.fields.items()}
+        missing: dict[str, np.ndarray] = {}
+        if self.dataset == "criteo":
+            for group, p in CRITEO_MISSING:
+                m = rng.random(n) < p
+                missing.update(dict.fromkeys(group, m))
+        return ranks, missing
+
+    def drift_angle(self, day: np.ndarray, ranks: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Per-row rotation angle theta between the two effect draws (None: no drift)."""
+        if self.days <= 1 or self.drift == 0:
+            return None
+        t = self.drift * day / (self.days - 1)
+        if self.dataset == "avazu":  # domains (site categories) drift at different speeds
+            sc = ranks["site_category"].astype(np.uint32)
+            t = t * (0.5 + _hash32(sc, self.domain_salt) / 2.0**32)
+        return (math.pi / 2) * t
+
+    def logits(self, ranks: dict[str, np.ndarray], missing: dict[str, np.ndarray], day: np.ndarray) -> np.ndarray:
+        """The planted logit terms [n] (float32, without bias and row terms) on each row's day."""
+        fields, pairs = self.logit_parts(ranks, missing, day)
+        fields *= np.float32(self.field_gain)
+        fields += np.float32(self.pair_gain) * pairs
+        return fields
+
+    def logit_parts(
+        self, ranks: dict[str, np.ndarray], missing: dict[str, np.ndarray], day: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(sum_f w_f a_f, sum_P <u_f, u_g>) [n] float32 on each row's day, before the gains."""
+        theta = self.drift_angle(day, ranks)
+        logit = np.zeros(len(day), dtype=np.float32)
+        pair = np.zeros(len(day), dtype=np.float32)
+        c = s = None
+        if theta is not None:
+            c, s = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+        latents: dict[str, list[np.ndarray]] = {}
         for name, f in self.fields.items():
-            a0, u0 = f.effects(ranks[name], 0)
-            if np.any(t > 0):
-                a1, u1 = f.effects(ranks[name], 1)
-                a0 = (1 - t) * a0 + t * a1
-                u0 = (1 - t)[:, None] * u0 + t[:, None] * u1
-            logit += FIELD_SCALE[self.dataset] * a0 / math.sqrt(nf) * 2.2
-            latents[name] = u0
+            slot, strength = f.slots(ranks[name], missing.get(name))
+            d0, d1 = f.draws
+            a = np.take(d0.bias, slot)  # np.take: much faster than fancy indexing here
+            if c is not None:
+                a *= c
+                a += s * np.take(d1.bias, slot)
+            a *= strength
+            a *= np.float32(self.weights[name])
+            logit += a
+            if name in self.paired:
+                us = []
+                for j in range(LATENT_DIM):
+                    u = np.take(d0.latent[j], slot)
+                    if c is not None:
+                        u *= c
+                        u += s * np.take(d1.latent[j], slot)
+                    u *= strength
+                    us.append(u)
+                latents[name] = us
         for f, g in self.pairs:
-            logit += PAIR_SCALE * (latents[f] * latents[g]).sum(axis=1)
-        return logit
-
-    def drift(self, day: np.ndarray, days: int, drift: float, ranks: dict[str, np.ndarray]) -> np.ndarray:
-        t = np.zeros(len(day)) if days <= 1 or drift == 0 else drift * day / (days - 1)
-        if self.dataset == "avazu" and drift:
-            u = (splitmix64(ranks["site_category"].astype(np.uint64) ^ self.domain_salt) >> np.uint64(11))
-            t = t * (0.5 + u.astype(np.float64) / (1 << 53))
-        return t
+            for uf, ug in zip(latents[f], latents[g], strict=True):
+                pair += uf * ug
+        return logit, pair
 
 
 def _criteo_ints(rng: np.random.Generator, z: np.ndarray) -> list[pa.Array]:
+    """I1..I13 as string columns: heavy-tailed, partly missing, I2 sometimes negative."""
+    n = len(z)
+    z32 = z.astype(np.float32)
     cols = []
-    for i, name in enumerate(CRITEO_INT_COLUMNS):
-        p_missing, mu, sd = CRITEO_INT_SHAPE[name]
-        signal = (0.5 if i % 2 else -0.4) * z
-        v = np.floor(np.exp(mu + sd * (0.6 * rng.standard_normal(len(z)) + signal)) - 1).astype(np.int64)
+    for name in CRITEO_INT_COLUMNS:
+        p_missing, mu, sd, load = CRITEO_INT_SHAPE[name]
+        g = rng.standard_normal(n, dtype=np.float32)
+        g *= np.float32(math.sqrt(1 - load * load))
+        g += np.float32(load) * z32
+        np.clip(g, -6, 6, out=g)
+        g *= np.float32(sd)
+        g += np.float32(mu)
+        v = np.exp(g).astype(np.int64)
+        v -= 1
+        np.maximum(v, 0, out=v)
         if name == "I2":
-            v = np.where(rng.random(len(z)) < 0.05, -rng.integers(1, 4, len(z)), v)
-        cols.append(pa.array(v, mask=rng.random(len(z)) < p_missing).cast(pa.string()))
+            neg = rng.random(n) < 0.05
+            v[neg] = -rng.choice(3, size=int(neg.sum()), p=(0.8, 0.15, 0.05)) - 1
+        valid = None if p_missing == 0 else rng.random(n) >= p_missing
+        cols.append(_ints(v, valid))
     return cols
 
 
-def _avazu_prefix(rows: np.ndarray, n_total: int, days: int, seed: int) -> tuple[np.ndarray, pa.Array, pa.Array]:
-    """(day [n], id column, hour column YYMMDDHH) for global row indices ``rows``."""
-    per_day = n_total / days
-    day = np.minimum((rows / per_day).astype(np.int64), days - 1)
-    hour = np.minimum(((rows - day * per_day) / per_day * 24).astype(np.int64), 23)
-    dd = 21 + day  # 2014-10-21 onwards
-    month = np.where(dd > 31, 11, 10)
-    dd = np.where(dd > 31, dd - 31, dd)
-    yymmddhh = 14_000_000 + month * 10_000 + dd * 100 + hour
-    ids = splitmix64(rows.astype(np.uint64) ^ np.uint64(seed))
-    return day, pa.array(ids).cast(pa.string()), pa.array(yymmddhh).cast(pa.string())
+def _day_bounds(rows: int, days: int) -> np.ndarray:
+    """First row of each day and the end: day d is rows [ceil(d*N/D), ceil((d+1)*N/D))."""
+    return np.array([-((-d * rows) // days) for d in range(days + 1)], dtype=np.int64)
+
+
+def _avazu_time(idx: np.ndarray, bounds: np.ndarray, rows: int, days: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(day, hour of day, YYMMDDHH) of global row indices ``idx``."""
+    day = (idx * days) // rows
+    start, length = bounds[day], bounds[day + 1] - bounds[day]
+    hour = ((idx - start) * 24) // np.maximum(length, 1)
+    date = START_DATE + day
+    year = date.astype("M8[Y]").astype(np.int64) + 1970
+    month_start = date.astype("M8[M]")
+    month = month_start.astype(np.int64) % 12 + 1
+    dom = (date - month_start.astype("M8[D]")).astype(np.int64) + 1
+    return day, hour, (year % 100) * 1_000_000 + month * 10_000 + dom * 100 + hour
+
+
+@dataclass
+class _Chunk:
+    arrays: list[pa.Array]
+    probs: np.ndarray
+    labels: np.ndarray
+    ranks: dict[str, np.ndarray]
+    missing: dict[str, np.ndarray]
+
+
+def _make_chunk(model: _Model, start: int, n: int, rows: int, seed: int, bounds: np.ndarray) -> _Chunk:
+    """Draw rows [start, start + n): features, true probabilities, labels and their raw columns."""
+    rng = np.random.default_rng([seed, start, 0xC0FFEE])
+    idx = np.arange(start, start + n, dtype=np.int64)
+    ranks, missing = model.draw_ranks(rng, n)
+    days = model.days
+    if model.dataset == "criteo":
+        day = (idx * days) // rows
+        z = rng.standard_normal(n)
+        extra = Z_SCALE * z
+    else:
+        day, hour, yymmddhh = _avazu_time(idx, bounds, rows, days)
+        weekend = ((START_DATE + day).astype(np.int64) - 4) % 7 >= 5  # 1970-01-01 was a Thursday
+        extra = 0.2 * np.sin(2 * np.pi * (hour - 8) / 24) + 0.1 * weekend
+    logit = model.logits(ranks, missing, day) + (model.b0[day] + extra).astype(np.float32)
+    p = _sigmoid(logit)
+    y = rng.random(n) < p
+    label = _ints(y.astype(np.int64))
+    if model.dataset == "criteo":
+        arrays = [label, *_criteo_ints(rng, z)]
+        arrays += [model.fields[c].tokens(ranks[c], missing.get(c)) for c in CRITEO_CAT_COLUMNS]
+    else:
+        ids = _mix64(idx.astype(_U64) ^ _U64(_salt("id", seed)))
+        arrays = [pa.array(ids), label, _ints(yymmddhh)]
+        arrays += [model.fields[c].tokens(ranks[c], None) for c in AVAZU_CAT_COLUMNS]
+    return _Chunk(arrays, p.astype(np.float32), y, ranks, missing)
+
+
+def _calibrate(model: _Model, seed: int, target: float) -> np.ndarray:
+    """Set the gains of the field and pair terms, and return the global bias per day that gives
+    click rate ``target`` on a pilot sample under that day's model.
+
+    Avazu's hour-of-day term averages out and its weekend term is left on top (weekends click more).
+    """
+    rng = np.random.default_rng([seed, 0xB1A5])
+    ranks, missing = model.draw_ranks(rng, PILOT_ROWS)
+    fields, pairs = model.logit_parts(ranks, missing, np.zeros(PILOT_ROWS, dtype=np.int64))
+    model.field_gain = FIELD_STD[model.dataset] / max(float(fields.std()), 1e-6)
+    model.pair_gain = PAIR_STD[model.dataset] / max(float(pairs.std()), 1e-6)
+    extra = Z_SCALE * rng.standard_normal(PILOT_ROWS) if model.dataset == "criteo" else 0.0
+    b0 = np.zeros(model.days)
+    for d in range(model.days):
+        if d > 0 and (model.drift == 0 or model.days == 1):
+            b0[d] = b0[0]
+            continue
+        base = model.logits(ranks, missing, np.full(PILOT_ROWS, d)) + extra
+        lo, hi = -20.0, 20.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _sigmoid(base + mid).mean() < target else (lo, mid)
+        b0[d] = (lo + hi) / 2
+    return b0
 
 
 def generate(
@@ -195,120 +524,133 @@ def generate(
     drift: float = 0.0,
     seed: int = 0,
     progress: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Write ``rows`` synthetic rows of ``dataset``'s raw train format to ``out_path``.
 
-    Returns the metadata (also written to ``<out_path>.meta.json``): click rate, oracle AUC
-    overall and per day, cardinalities, parameters.
+    Returns the metadata, also written to ``<out_path>.meta.json``: parameters, click rate and
+    oracle AUC (overall and per day), cardinalities (the generator's, the real dataset's, and
+    the distinct values present in the file) and the generator version.
     """
     schema = get_schema(dataset)
     if rows < 1 or days < 1 or days > rows:
         raise ValueError(f"need rows >= days >= 1, got rows={rows}, days={days}")
-    if drift < 0:
-        raise ValueError(f"drift must be >= 0, got {drift}")
-    model = _Model(schema.name, rows, seed)
+    if not math.isfinite(drift) or drift < 0:
+        raise ValueError(f"drift must be a finite number >= 0, got {drift}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    model = _Model(schema.name, rows, seed, days, drift)
+    model.b0 = _calibrate(model, seed, TARGET_CTR[schema.name])
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    bounds = _day_bounds(rows, days)
 
-    # Calibrate the global bias on a day-0 pilot sample.
-    pilot_rng = np.random.default_rng(seed + 1)
-    n_pilot = 50_000
-    pilot = {name: f.sample(pilot_rng, n_pilot) for name, f in model.fields.items()}
-    base = model.logits(pilot, pilot_rng.standard_normal(n_pilot), np.zeros(n_pilot))
-    lo, hi = -15.0, 15.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(base + mid)))) < TARGET_CTR[schema.name] else (lo, mid)
-    model.b0 = (lo + hi) / 2
-
-    rng = np.random.default_rng(seed)
     probs = np.empty(rows, dtype=np.float32)
-    labels = np.empty(rows, dtype=np.int8)
-    day_of_row = np.empty(rows, dtype=np.int16)
-    columns = list(schema.columns)
-    write_schema = pa.schema([(c, pa.string()) for c in columns])
-    options = pacsv.WriteOptions(include_header=False, delimiter=schema.delimiter, quoting_style="none")
+    labels = np.empty(rows, dtype=bool)
+    seen = {name: np.zeros(f.card, dtype=bool) for name, f in model.fields.items()}
+    options = pacsv.WriteOptions(include_header=False, delimiter=schema.delimiter, quoting_style="none",
+                                 batch_size=CHUNK_ROWS)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     try:
-        with open(tmp, "wb") as sink, pacsv.CSVWriter(sink, write_schema, write_options=options) as writer, \
-                tqdm(total=rows, desc=f"synthetic {schema.name}", unit="row", disable=not progress) as bar:
-            if schema.has_header:  # pyarrow would quote the names
-                sink.write((schema.delimiter.join(columns) + "\n").encode())
-            for start in range(0, rows, CHUNK_ROWS):
-                idx = np.arange(start, min(rows, start + CHUNK_ROWS), dtype=np.int64)
-                n = len(idx)
-                ranks = {name: f.sample(rng, n) for name, f in model.fields.items()}
-                z = rng.standard_normal(n)
-                if schema.name == "avazu":
-                    day, id_col, hour_col = _avazu_prefix(idx, rows, days, seed)
-                else:
-                    day = np.minimum((idx * days) // rows, days - 1)
-                logit = model.logits(ranks, z, model.drift(day, days, drift, ranks))
-                if schema.name == "avazu":  # hour of day and weekend matter a little
-                    hod = (idx - day * rows / days) / (rows / days) * 24
-                    logit += 0.15 * np.sin(hod / 24 * 2 * np.pi)
-                p = 1 / (1 + np.exp(-logit))
-                y = (rng.random(n) < p).astype(np.int8)
-                probs[idx], labels[idx], day_of_row[idx] = p, y, day
-                label_col = pa.array(y.astype(np.int64)).cast(pa.string())
-                if schema.name == "criteo":
-                    arrays = [label_col, *_criteo_ints(rng, z),
-                              *[model.fields[c].tokens(ranks[c]) for c in CRITEO_CAT_COLUMNS]]
-                    # Real Criteo has empty categorical values in some fields.
-                    for j, c in enumerate(CRITEO_CAT_COLUMNS):
-                        if c in ("C19", "C20", "C22", "C25", "C26"):
-                            arrays[14 + j] = pa.array(arrays[14 + j].to_numpy(zero_copy_only=False),
-                                                      mask=(ranks[c] % 7 == 3), type=pa.string())
-                else:
-                    arrays = [id_col, label_col, hour_col, *[model.fields[c].tokens(ranks[c]) for c in AVAZU_CAT_COLUMNS]]
-                writer.write_table(pa.Table.from_arrays(arrays, schema=write_schema))
-                bar.update(n)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as sink:
+            if schema.has_header:
+                sink.write((schema.delimiter.join(schema.columns) + "\n").encode())
+            writer: pacsv.CSVWriter | None = None
+            with ThreadPoolExecutor(max_workers=1) as pool, \
+                    tqdm(total=rows, desc=f"synthetic {schema.name}", unit="row", disable=not progress) as bar:
+                pending: Future | None = None
+                for start in range(0, rows, CHUNK_ROWS):
+                    n = min(CHUNK_ROWS, rows - start)
+                    chunk = _make_chunk(model, start, n, rows, seed, bounds)
+                    probs[start:start + n], labels[start:start + n] = chunk.probs, chunk.labels
+                    for name, r in chunk.ranks.items():
+                        m = chunk.missing.get(name)
+                        seen[name][r if m is None else r[~m]] = True
+                    table = pa.Table.from_arrays(chunk.arrays, names=list(schema.columns))
+                    if writer is None:
+                        writer = pacsv.CSVWriter(sink, table.schema, write_options=options)
+                    if pending is not None:
+                        pending.result()
+                    # The writer formats and writes this chunk while the next one is drawn.
+                    pending = pool.submit(writer.write_table, table)
+                    bar.update(n)
+                if pending is not None:
+                    pending.result()
+                if writer is not None:
+                    writer.close()
+            sink.flush()
+            os.fsync(sink.fileno())
+        meta = _metadata(schema.name, rows, days, drift, seed, model, probs, labels, bounds, seen)
+        atomic_write_json(Path(f"{out}.meta.json"), meta)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return meta
 
-    per_day = {}
+
+def _metadata(dataset: str, rows: int, days: int, drift: float, seed: int, model: _Model, probs: np.ndarray,
+              labels: np.ndarray, bounds: np.ndarray, seen: dict[str, np.ndarray]) -> dict[str, Any]:
+    per_day_auc, per_day_ctr, per_day_rows = {}, {}, {}
     for d in range(days):
-        m = day_of_row == d
-        if len(np.unique(labels[m])) == 2:
-            per_day[str(d)] = float(roc_auc_score(labels[m], probs[m]))
-    meta = {
+        sl = slice(int(bounds[d]), int(bounds[d + 1]))
+        per_day_auc[str(d)] = auc(labels[sl], probs[sl])
+        per_day_ctr[str(d)] = float(labels[sl].mean())
+        per_day_rows[str(d)] = [int(bounds[d]), int(bounds[d + 1])]
+    return {
         "generator_version": GENERATOR_VERSION,
-        "dataset": schema.name,
+        "dataset": dataset,
         "rows": rows,
         "days": days,
         "drift": drift,
         "seed": seed,
         "click_rate": float(labels.mean()),
-        "oracle_auc": float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan"),
-        "oracle_auc_per_day": per_day,
+        "click_rate_per_day": per_day_ctr,
+        "oracle_auc": auc(labels, probs),
+        "oracle_auc_per_day": per_day_auc,
+        "day_rows": per_day_rows,
         "cardinalities": {name: f.card for name, f in model.fields.items()},
-        "bias": model.b0,
+        "cardinalities_full": {name: f.full_card for name, f in model.fields.items()},
+        "distinct_values": {name: int(v.sum()) for name, v in seen.items()},
+        "zipf_exponents": {name: round(f.exponent, 4) for name, f in model.fields.items()},
+        "bias_per_day": [round(float(b), 6) for b in model.b0],
+        "logit_gains": {"fields": round(model.field_gain, 6), "pairs": round(model.pair_gain, 6)},
     }
-    atomic_write_json(Path(f"{out}.meta.json"), meta)
-    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data.synthetic",
+        description="Write a synthetic Criteo or Avazu train file in the real raw format, with a\n"
+        "planted click model; metadata (click rate, oracle AUC per day) goes to OUT.meta.json.",
+        epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, choices=("criteo", "avazu"), type=str.lower,
+                   help="raw format to write: criteo (tab-separated, no header) or avazu (CSV with header)")
+    p.add_argument("--rows", type=int, required=True, help="number of rows to write")
+    p.add_argument("--out", required=True, help="output file (written atomically); metadata to OUT.meta.json")
+    p.add_argument("--days", type=int, default=1, help="number of days, rows in time order (default 1)")
+    p.add_argument("--drift", type=float, default=0.0,
+                   help="click-model drift over the days: 0 none, 1 = the last day has a fully new model (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same arguments give the same bytes (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, help="criteo or avazu")
-    p.add_argument("--rows", type=int, required=True, help="number of rows")
-    p.add_argument("--out", required=True, help="output raw file")
-    p.add_argument("--days", type=int, default=1, help="days in time order (default 1)")
-    p.add_argument("--drift", type=float, default=0.0, help="click-model drift over the days (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         meta = generate(args.dataset, args.rows, args.out, args.days, args.drift, args.seed, not args.no_progress)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {meta['rows']:,} rows, click rate {meta['click_rate']:.4f}, oracle AUC {meta['oracle_auc']:.4f}")
+    per_day = ", ".join(f"{v:.4f}" for v in meta["oracle_auc_per_day"].values())
+    print(f"{args.out}: {meta['rows']:,} rows, click rate {meta['click_rate']:.4f}, "
+          f"oracle AUC {meta['oracle_auc']:.4f}" + (f" (per day {per_day})" if args.days > 1 else ""))
     return 0
 
 
