@@ -84,10 +84,10 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
         if raw is None:
             raise DataNotFoundError(how_to_get(schema.name))
     if raw is None:
-        from data.synthetic import generate
+        from data.synthetic import GENERATOR_VERSION, generate
 
         raw = cache / "synthetic" / (
-            f"{schema.name}_{args.synthetic}rows_{args.days}d_drift{args.drift:g}_s{args.data_seed}"
+            f"{schema.name}_v{GENERATOR_VERSION}_{args.synthetic}rows_{args.days}d_drift{args.drift:g}_s{args.data_seed}"
             + (".csv" if schema.name == "avazu" else ".txt")
         )
         if not raw.exists():

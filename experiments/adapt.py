@@ -7,6 +7,10 @@ Protocol (the split is always ``--split time``, i.e. file order):
   val   (next 10%)   adaptation data: first half trains the adapter, second half early-stops it;
   test  (last 10%)   reported AUC / logloss.
 
+With ``--embedding mpe`` the pretrained model is an MPE run instead (``mpe.search.run`` on the
+same splits at ``--mpe-target-ratio``): the adapters then sit on the tower of the model served
+from its bit-packed export, whose embedding is read-only by construction.
+
 Every method starts from a deep copy of the pretrained model with the embedding frozen and the
 BatchNorm layers kept in eval mode (their pretrained statistics), then adapts with Adam over its
 trainable parameters only:
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import io
 import math
 import sys
@@ -65,7 +70,8 @@ from genlora_rec.genlora import GenLoRAConfig
 from genlora_rec.lora import LoRAConfig
 from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.rank import effective_rank, genlora_parameter_count, lora_parameter_count
-from genlora_rec.towers import TOWERS, build_tower
+from genlora_rec.towers import build_tower
+from genlora_rec.train import add_training_arguments, train_config
 from genlora_rec.trainer import TrainConfig, Trainer, evaluate
 
 METHODS = ("none", "head", "full", "lora", "genlora")
@@ -75,7 +81,7 @@ COLUMNS = (
     "effective_rank", "test_auc", "test_logloss", "val_auc", "lr", "steps", "seconds",
 )
 # settings that must match for OUT to be resumed
-RUN_KEYS = ("dataset", "data", "synthetic", "days", "drift", "data_seed", "min_count", "tower", "hidden",
+RUN_KEYS = ("embedding", "mpe_target_ratio", "weight_decay", "dataset", "data", "synthetic", "days", "drift", "data_seed", "min_count", "tower", "hidden",
             "dim", "epochs", "batch_size", "lr", "adapt_epochs", "adapt_batch_size", "adapt_lr",
             "group_size", "genlora_max_rank", "alpha")
 
@@ -187,6 +193,9 @@ def jobs(methods: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, str, i
 
 
 def pretrain(args, data, seed: int, out: Path, log) -> CTRModel:
+    """The pretrained model of ``seed``: fp32, or MPE served from its export (``--embedding``)."""
+    if args.embedding == "mpe":
+        return pretrain_mpe(args, data, seed, out, log)
     torch.manual_seed(seed)
     hidden = tuple(args.hidden) if args.hidden else None
     model = CTRModel(FP32Embedding(data.fields, data.cardinalities, args.dim),
@@ -196,14 +205,38 @@ def pretrain(args, data, seed: int, out: Path, log) -> CTRModel:
         model.load_state_dict(load_torch(path)["model"])
         log(f"seed {seed}: pretrained model loaded from {path}")
         return model
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                      evals_per_epoch=args.evals_per_epoch, seed=seed, progress=not args.no_progress)
+    cfg = dataclasses.replace(train_config(args), seed=seed)
     t0 = time.perf_counter()
     # early-stop pretraining on the second (held-out) half of the adaptation window
     _, adapt_val = adapt_halves(data.split("val"))
     Trainer(model, cfg, log=log).fit(data.split("train"), adapt_val, data.fields)
     atomic_torch_save(path, {"model": model.state_dict()})
     log(f"seed {seed}: pretrained in {time.perf_counter() - t0:.1f}s -> {path}")
+    return model
+
+
+def pretrain_mpe(args, data, seed: int, out: Path, log) -> CTRModel:
+    """MPE search + retrain at ``--mpe-target-ratio`` (resumable), served from its bit-packed export.
+
+    ``mpe.search.run`` early-stops on the whole val split, i.e. on the adaptation window too;
+    the test split stays unseen.
+    """
+    from mpe.search import MPEConfig
+    from mpe.search import run as mpe_run
+    from mpe.serving import load_served_model
+
+    run_dir = out / f"mpe_seed{seed}"
+    if not (run_dir / "report.json").exists():
+        cfg = MPEConfig(dataset=data.dataset, target_ratio=args.mpe_target_ratio, tower=args.tower,
+                        hidden=tuple(args.hidden) if args.hidden else None, dim=args.dim, epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                        evals_per_epoch=args.evals_per_epoch, seed=seed, progress=not args.no_progress,
+                        weight_decay=args.weight_decay or None)
+        t0 = time.perf_counter()
+        mpe_run(data, cfg, run_dir, resume=True)
+        log(f"seed {seed}: MPE pretrained in {time.perf_counter() - t0:.1f}s -> {run_dir}")
+    model = load_served_model(run_dir / "export")
+    log(f"seed {seed}: MPE export {model.embedding_bytes():,} B from {run_dir / 'export'}")
     return model
 
 
@@ -360,20 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.adapt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sources.add_data_arguments(p)
-    g = p.add_argument_group("pretraining")
-    g.add_argument("--tower", choices=sorted(TOWERS), default="dnn", help="dense tower (default dnn)")
-    g.add_argument("--hidden", type=int, nargs="+", default=None, help="tower hidden sizes (default per tower)")
-    g.add_argument("--dim", type=int, default=16, help="embedding dimension (default 16)")
-    g.add_argument("--epochs", type=int, default=1, help="pretraining epochs (default 1)")
-    g.add_argument("--batch-size", type=int, default=4096, help="pretraining batch size (default 4096)")
-    g.add_argument("--lr", type=float, default=1e-3, help="pretraining Adam learning rate (default 1e-3)")
-    g.add_argument("--patience", type=int, default=3, help="pretraining: validations without AUC gain")
-    g.add_argument("--evals-per-epoch", type=int, default=2, help="pretraining validations per epoch (default 2)")
+    add_training_arguments(p, evals_per_epoch=2)  # pretraining; --seed is the first of --seeds
+    g = p.add_argument_group("embedding")
+    g.add_argument("--embedding", choices=("fp32", "mpe"), default="fp32",
+                   help="frozen embedding under the adapters: fp32 tables or MPE's bit-packed export (default fp32)")
+    g.add_argument("--mpe-target-ratio", type=float, default=10.0,
+                   help="--embedding mpe: target compression ratio of the MPE export (default 10)")
     g = p.add_argument_group("adaptation")
     g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods (default all)")
     g.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="LoRA ranks / GenLoRA budgets")
     g.add_argument("--seeds", type=int, default=3, help="number of seeds: --seed, --seed+1, ... (default 3)")
-    g.add_argument("--seed", type=int, default=2022, help="first model seed (default 2022)")
     g.add_argument("--adapt-epochs", type=int, default=5, help="adaptation epochs over the first val half (default 5)")
     g.add_argument("--adapt-batch-size", type=int, default=1024, help="adaptation batch size (default 1024)")
     g.add_argument("--adapt-lr", type=float, nargs="+", default=[1e-3],
@@ -386,7 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GenLoRA group size g (default 8; doubled when the rank cap leaves budget unused)")
     g.add_argument("--genlora-max-rank", type=int, default=64, help="largest GenLoRA rank tried (default 64)")
     p.add_argument("--out", required=True, help="output directory (results.csv, PNGs, results.md)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -448,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     src = args.data or (f"synthetic {args.synthetic} rows, {args.days} days, drift {args.drift:g}"
                         if args.synthetic else str(data.root))
-    title = f"{data.dataset} ({src}), tower {args.tower} {args.hidden or 'default'}, time split"
+    emb = "fp32 embeddings" if args.embedding == "fp32" else f"MPE {args.mpe_target_ratio:g}x export embeddings"
+    title = f"{data.dataset} ({src}), {emb}, tower {args.tower} {args.hidden or 'default'}, time split"
     write_rows(csv_path, rows)
     write_markdown(out / "results.md", rows, f"Adaptation benchmark: {title}")
     plot(out, rows, title)

@@ -67,3 +67,23 @@ def test_genlora_budget_matching() -> None:
         chosen.append((g_rank, g_size))
     assert len(set(chosen)) == len(chosen)  # every budget gets its own adapter
     assert chosen[-1] == (64, 32)  # rank capped at 64, the rest of the budget goes to the group size
+
+
+@pytest.mark.slow
+def test_adapt_on_mpe_export_embeddings(tmp_path: Path) -> None:
+    """--embedding mpe: adapters on the tower of the model served from MPE's bit-packed export."""
+    out = tmp_path / "adapt_mpe"
+    argv = ["--dataset", "avazu", "--synthetic", "30000", "--days", "4", "--drift", "0.5",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--embedding", "mpe",
+            "--mpe-target-ratio", "10", "--seeds", "1", "--methods", "none", "lora", "--ranks", "2",
+            "--hidden", "32", "16", "--batch-size", "1024", "--adapt-epochs", "1",
+            "--adapt-evals-per-epoch", "1", "--adapt-batch-size", "512", "--no-progress"]
+    assert adapt.main(argv) == 0
+    rows = {r["method"]: r for r in _rows(out / "results.csv")}
+    assert set(rows) == {"none", "lora"}
+    report = (out / "mpe_seed2022" / "report.json").read_text()
+    assert '"export_test_auc"' in report
+    assert (out / "mpe_seed2022" / "export" / "header.json").is_file()
+    assert int(rows["lora"]["trainable_params"]) > 0 and float(rows["lora"]["effective_rank"]) > 0
+    assert float(rows["none"]["test_auc"]) > 0.5
+    assert "MPE 10x export embeddings" in (out / "results.md").read_text()
