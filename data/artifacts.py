@@ -85,8 +85,41 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ArtifactError(f"{path}: not valid JSON ({e}); the file is corrupted or truncated") from None
 
 
+def short_error(e: BaseException, limit: int = 240) -> str:
+    """``e``'s message on one line (whitespace collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_digest(obj: dict[str, Any], key: str) -> str:
+    """sha256 of ``obj``'s canonical JSON without its field ``key`` (a JSON file's checksum of itself)."""
+    body = {k: v for k, v in obj.items() if k != key}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_json(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    """``obj`` with ``obj[key]`` set to its ``json_digest`` (write it with ``atomic_write_json``)."""
+    out = dict(obj)
+    out[key] = json_digest(out, key)
+    return out
+
+
+def read_sealed_json(path: str | os.PathLike, key: str) -> dict[str, Any]:
+    """Read a JSON object written with ``seal_json``; ``ArtifactError`` unless its digest matches."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path}: not a JSON object")
+    if key not in obj:
+        raise ArtifactError(f"{path}: has no {key} checksum (written by an older version, or edited)")
+    if obj[key] != json_digest(obj, key):
+        raise ArtifactError(f"{path}: checksum mismatch ({key}); the file was edited or is corrupted")
+    return obj
+
+
 def safe_child(root: str | os.PathLike, name: str) -> Path:
     """Resolve ``name`` inside ``root``; names that escape ``root`` raise ``ArtifactError``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ArtifactError(f"{root}: manifest names {name!r}, which is not a file name")
     root_p = Path(root).resolve()
     p = (root_p / name).resolve()
     if p != root_p and root_p not in p.parents:

@@ -50,8 +50,10 @@ from data.artifacts import (
     ArtifactError,
     atomic_write_json,
     atomic_write_npy,
+    json_digest,
     read_json,
     safe_child,
+    seal_json,
     sha256_file,
     verify_sha256,
 )
@@ -67,7 +69,8 @@ from data.transforms import (
     time_split,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest_sha256, the manifest's checksum of itself
+MANIFEST_DIGEST = "manifest_sha256"
 SPLITS = ("random", "time")
 OOV_VALUE = "<OOV>"
 OUTPUT_FILES = ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "frequency.npy")
@@ -463,19 +466,40 @@ def _encode_block(
 def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     """Read ``manifest.json`` of a prepared directory and verify every listed file's sha256.
 
-    Raises ``ArtifactError`` naming the file that is missing, corrupted or modified.
+    The manifest's own checksum (``manifest_sha256``), its schema version and the shape of
+    its fields are checked first. Raises ``ArtifactError`` naming the file that is missing,
+    corrupted, modified or written by an incompatible version; file names cannot leave the
+    directory.
     """
     root = Path(out_dir)
-    manifest = read_json(root / "manifest.json")
+    path = root / "manifest.json"
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{root / 'manifest.json'}: not a data.prepare manifest (no 'files' table)")
+        raise ArtifactError(f"{path}: not a data.prepare manifest (no 'files' table)")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(
-            f"{root / 'manifest.json'}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+            f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}; "
+            "run data.prepare again to rewrite it"
         )
+    if manifest.get(MANIFEST_DIGEST) != json_digest(manifest, MANIFEST_DIGEST):
+        raise ArtifactError(f"{path}: checksum mismatch ({MANIFEST_DIGEST}); the manifest was edited or is corrupted")
+    try:
+        fields, cards, offsets = manifest["fields"], manifest["cardinalities"], manifest["field_offsets"]
+        ok = (
+            isinstance(manifest["dataset"], str)
+            and all(isinstance(f, str) for f in fields)
+            and len(fields) == len(cards) == len(offsets)
+            and all(isinstance(c, int) and c >= 1 for c in cards)
+            and list(offsets) == [sum(cards[:i]) for i in range(len(cards))]
+            and manifest["num_features"] == sum(cards)
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: malformed manifest ({e})") from None
+    if not ok:
+        raise ArtifactError(f"{path}: malformed manifest (fields, cardinalities, offsets or num_features disagree)")
     for name in OUTPUT_FILES:
         if name not in manifest["files"]:
-            raise ArtifactError(f"{root / 'manifest.json'}: does not list {name}")
+            raise ArtifactError(f"{path}: does not list {name}")
     for name, digest in manifest["files"].items():
         verify_sha256(safe_child(root, name), str(digest))
     return manifest
@@ -613,6 +637,7 @@ def prepare(
             "files": {name: sha256_file(tmp / name) for name in OUTPUT_FILES},
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        manifest = seal_json(manifest, MANIFEST_DIGEST)
         atomic_write_json(tmp / "manifest.json", manifest)
         _install(tmp, out)
     except BaseException:

@@ -16,9 +16,15 @@ on the fly, whatever their name.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import queue
+import re
+import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +49,71 @@ _SNIFF_BYTES = 1 << 20
 # A validator gets a block's distinct values of one column (a utf8 array) and returns a bool
 # numpy mask of the bad ones, plus the phrase that completes "expected ..." in the message.
 Validator = Callable[[pa.Array], np.ndarray]
+
+
+class _RowHandler:
+    """The invalid-row callback handed to pyarrow, tracked until pyarrow lets go of it.
+
+    pyarrow's CSV streaming reader reads ahead on its own worker threads. When iteration stops
+    early (a malformed row), the reader's last reference can be dropped by such a worker after
+    the Python object is gone; the worker then takes the GIL to release this callback. If that
+    happens while the interpreter is finalizing, the thread is torn down inside C++ code and the
+    process aborts ("terminate called without an active exception", exit status 134) instead of
+    exiting with the CLI's status. ``_release_handlers`` (at exit) waits for those releases.
+    """
+
+    __slots__ = ("fn", "finished", "undecodable", "__weakref__")
+
+    def __init__(self, fn: Callable[[pacsv.InvalidRow], str]):
+        self.fn = fn
+        self.finished = False  # the iteration that used it is over
+        self.undecodable = False  # pyarrow could not hand it a row (not UTF-8), see _quiet_undecodable_rows
+
+    def __call__(self, row: pacsv.InvalidRow) -> str:
+        return self.fn(row)
+
+
+_HANDLERS: weakref.WeakSet[_RowHandler] = weakref.WeakSet()
+
+
+def _quiet_undecodable_rows() -> Callable[[], None]:
+    """Install an unraisable-exception hook for one iteration; returns the function that removes it.
+
+    A line with the wrong number of columns that also holds bytes that are not UTF-8 never
+    reaches the row handler: pyarrow fails to decode its text, prints "Exception ignored in
+    <handler>" with a traceback and stops with a CSV parse error. The hook marks the handler
+    instead (``RawReader._arrow_error`` then names the line) and leaves every other report to
+    the previous hook.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.object, _RowHandler) and isinstance(unraisable.exc_value, UnicodeDecodeError):
+            unraisable.object.undecodable = True
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+    def remove() -> None:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+    return remove
+
+
+_PARSE_ROW_ERROR = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+)")
+
+
+@atexit.register
+def _release_handlers(timeout: float = 5.0) -> None:
+    """Before the interpreter finalizes, let pyarrow's workers drop finished readers (see ``_RowHandler``)."""
+    if not any(h.finished for h in list(_HANDLERS)):
+        return
+    gc.collect()
+    deadline = time.monotonic() + timeout
+    while any(h.finished for h in list(_HANDLERS)) and time.monotonic() < deadline:
+        time.sleep(0.002)  # releases the GIL so the worker can release the handler
 
 
 class RawFormatError(ValueError):
@@ -376,6 +447,7 @@ class RawReader:
         self._raw: pa.NativeFile | None = None
         self._header_lines = 1 if schema.has_header else 0
         self._pool: ThreadPoolExecutor | None = None
+        self._row_handler: _RowHandler | None = None
 
     # -- progress -----------------------------------------------------------------------------
     @property
@@ -429,11 +501,14 @@ class RawReader:
             column_names=list(self.file_columns),
             skip_rows=self._header_lines,
         )
+        handler = _RowHandler(self._handler)
+        _HANDLERS.add(handler)
+        self._row_handler = handler
         parse_opts = pacsv.ParseOptions(
             delimiter=self.schema.delimiter,
             quote_char=False,
             ignore_empty_lines=False,
-            invalid_row_handler=self._handler,
+            invalid_row_handler=handler,
         )
         conv_opts = pacsv.ConvertOptions(
             column_types={c: pa.binary() for c in self.file_columns},
@@ -445,9 +520,11 @@ class RawReader:
             reader = pacsv.open_csv(stream, read_options=read_opts, parse_options=parse_opts, convert_options=conv_opts)
         except pa.ArrowInvalid as e:
             raw.close()
+            handler.finished = True
             raise self._arrow_error(e) from None
         except OSError as e:
             raw.close()
+            handler.finished = True
             raise RawFormatError(self.path, f"cannot read ({e})") from None
         return raw, reader
 
@@ -457,6 +534,18 @@ class RawReader:
             limit = min(self.block_size, PARSE_BLOCK_SIZE)
             hint = "; raise --block-size" if limit < PARSE_BLOCK_SIZE else ""
             return RawFormatError(self.path, f"a row is longer than the parser's block ({limit} bytes){hint}")
+        row = _PARSE_ROW_ERROR.search(msg)
+        if row is not None:  # a wrong-column-count line the handler never saw (not UTF-8)
+            line, actual = int(row.group(1)), int(row.group(3))
+            first = self._invalid.first
+            if first is not None and 0 <= first.line < line:
+                return RawFormatError(self.path, first.message, line=first.line, column=first.column, reason=first.reason)
+            col, text = _column_count_message(self.file_columns, actual, self.schema.delimiter)
+            if self._row_handler is not None and self._row_handler.undecodable:
+                text += "; the line also holds bytes that are not UTF-8"
+                if self.on_bad_rows == "skip":
+                    text += " (such a line cannot be skipped: remove or fix it)"
+            return RawFormatError(self.path, text, line=line, column=col, reason="column_count")
         return RawFormatError(self.path, f"cannot parse: {msg.splitlines()[0] if msg else type(e).__name__}")
 
     def __iter__(self) -> Iterator[RawBlock]:
@@ -472,7 +561,12 @@ class RawReader:
         self.bad_rows = {}
         self._parsed = 0
         self._invalid = _Invalid()
-        raw, reader = self._open()
+        unhook = _quiet_undecodable_rows()
+        try:
+            raw, reader = self._open()
+        except BaseException:
+            unhook()
+            raise
         self._raw = raw
 
         def parsed() -> Iterator[pa.RecordBatch]:
@@ -520,6 +614,9 @@ class RawReader:
             if close is not None:
                 close()
             raw.close()
+            unhook()
+            if self._row_handler is not None:
+                self._row_handler.finished = True
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None

@@ -92,6 +92,8 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
         )
         if not raw.exists():
             generate(schema.name, args.synthetic, raw, days=args.days, drift=args.drift, seed=args.data_seed, progress=progress)
+    elif raw.is_dir():
+        raise IsADirectoryError(f"{raw}: is a directory, expected a raw {schema.name} file")
     elif not raw.is_file():
         raise FileNotFoundError(f"{raw}: no such file")
     min_count = args.min_count if args.min_count is not None else schema.default_min_count

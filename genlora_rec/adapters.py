@@ -26,12 +26,13 @@ On disk (``save_adapter``)::
 
     adapter_config.json   {"format_version", "adapter_type", "config", "target_modules":
                            {name: {"in_features", "out_features", "weight_shape"}},
-                           "weights_file", "weights_sha256", "num_adapter_parameters"}
+                           "weights_file", "weights_sha256", "num_adapter_parameters",
+                           "config_sha256" (the file's checksum of the rest of itself)}
     adapter_weights.pt    {"<module name>.<adapter tensor name>": Tensor} (adapter tensors only)
 
 Both files are written atomically (weights first, then the config that records their sha256).
 ``load_adapter`` checks the base model against the recorded shapes (``ValueError`` naming the
-module and both shapes), verifies the checksum and loads with ``torch.load(weights_only=True)``
+module and both shapes), verifies both checksums and loads with ``torch.load(weights_only=True)``
 (``ArtifactError`` on a corrupted, truncated or inconsistent file), and only then modifies the
 model, so a failed load leaves it untouched.
 """
@@ -51,8 +52,10 @@ from data.artifacts import (
     ArtifactError,
     atomic_torch_save,
     atomic_write_json,
+    json_digest,
     load_torch,
     read_json,
+    seal_json,
     sha256_file,
 )
 from genlora_rec.genlora import GenLoRAConfig, GenLoRALinear
@@ -75,7 +78,8 @@ __all__ = [
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_weights.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config_sha256, adapter_config.json's checksum of itself
+CONFIG_DIGEST = "config_sha256"
 
 #: adapter_type -> (config class, layer class)
 ADAPTER_TYPES: dict[str, tuple[type[AdapterConfig], type[AdapterLinear]]] = {
@@ -235,6 +239,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> dict[str, An
         "weights_sha256": sha256_file(weights_path),
         "num_adapter_parameters": sum(t.numel() for t in state.values()),
     }
+    meta = seal_json(meta, CONFIG_DIGEST)
     atomic_write_json(directory / CONFIG_FILE, meta)
     return meta
 
@@ -260,7 +265,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     except (KeyError, TypeError) as e:
         raise ArtifactError(f"{directory / CONFIG_FILE}: missing field {e}") from None
     if version != FORMAT_VERSION:
-        raise ArtifactError(f"{directory / CONFIG_FILE}: unsupported format_version {version!r}")
+        raise ArtifactError(f"{directory / CONFIG_FILE}: unsupported format_version {version!r} "
+                            f"(this version reads {FORMAT_VERSION})")
+    if meta.get(CONFIG_DIGEST) != json_digest(meta, CONFIG_DIGEST):
+        raise ArtifactError(f"{directory / CONFIG_FILE}: checksum mismatch ({CONFIG_DIGEST}); "
+                            "the file was edited or is corrupted")
     if adapter_type not in ADAPTER_TYPES:
         raise ArtifactError(f"{directory / CONFIG_FILE}: unknown adapter_type {adapter_type!r}; "
                             f"known: {sorted(ADAPTER_TYPES)}")

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from data import sources
-from data.artifacts import atomic_write_json
+from data.artifacts import ArtifactError, atomic_write_json
 from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.towers import TOWERS, build_tower
-from genlora_rec.trainer import TrainConfig, Trainer, evaluate
+from genlora_rec.trainer import NonFiniteLossError, TrainConfig, Trainer, evaluate
 
 
 def add_training_arguments(
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         data = sources.resolve(args, progress=not args.no_progress)
-    except (sources.DataNotFoundError, ValueError, FileNotFoundError) as e:
+    except (sources.DataNotFoundError, ValueError, OSError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
@@ -80,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     trainer = Trainer(model, train_config(args), out_dir=out)
-    fit = trainer.fit(data.split("train"), data.split("val"), data.fields, resume=args.resume)
+    try:
+        fit = trainer.fit(data.split("train"), data.split("val"), data.fields, resume=args.resume)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     test = evaluate(model, data.split("test"), data.fields)
     report = {
         "method": "fp32",

@@ -21,7 +21,15 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from data.artifacts import atomic_torch_save, atomic_write_json, load_torch, read_json, sha256_file
+from data.artifacts import (
+    ArtifactError,
+    atomic_torch_save,
+    atomic_write_json,
+    load_torch,
+    read_json,
+    sha256_file,
+    short_error,
+)
 from data.batches import SplitArrays, iter_batches, num_batches
 
 CHECKPOINT = "checkpoint.pt"
@@ -80,7 +88,10 @@ def predict(model: nn.Module, split: SplitArrays, fields: Sequence[str], batch_s
 def metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """AUC and logloss (scikit-learn); AUC is NaN when a split has one class only."""
     labels = np.asarray(labels)
-    probs = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    probs = np.asarray(probs, dtype=np.float64)
+    if not np.isfinite(probs).all():
+        raise NonFiniteLossError("the model's predictions are NaN or infinite (its weights diverged)")
+    probs = np.clip(probs, 1e-7, 1 - 1e-7)
     auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
     return {"auc": auc, "logloss": float(log_loss(labels, probs, labels=[0, 1])), "rows": int(len(labels))}
 
@@ -148,16 +159,34 @@ class Trainer:
         atomic_write_json(self.out_dir / CHECKPOINT_META, {"file": CHECKPOINT, "sha256": sha256_file(path), "position": position})
 
     def load_checkpoint(self) -> tuple[dict, dict, list[dict]] | None:
-        """Restore model and optimisers from ``out_dir``; None when there is no checkpoint."""
+        """Restore model and optimisers from ``out_dir``; None when there is no checkpoint.
+
+        The checkpoint's sha256 (recorded in ``checkpoint.json``) is verified and it is loaded
+        weights-only; a missing, corrupted, truncated or foreign checkpoint (one written for
+        another model or settings) raises ``ArtifactError``.
+        """
         if self.out_dir is None or not (self.out_dir / CHECKPOINT_META).exists():
             return None
-        meta = read_json(self.out_dir / CHECKPOINT_META)
-        state = load_torch(self.out_dir / CHECKPOINT, expected_sha256=meta["sha256"])
-        self.model.load_state_dict(state["model"])
-        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(s)
-        torch.set_rng_state(state["rng"])
-        return state["position"], state["best_model"], state["history"]
+        meta_path, path = self.out_dir / CHECKPOINT_META, self.out_dir / CHECKPOINT
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise ArtifactError(f"{meta_path}: not a trainer checkpoint description (no sha256)")
+        state = load_torch(path, expected_sha256=meta["sha256"])
+        try:
+            self.model.load_state_dict(state["model"])
+            for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(s)
+            torch.set_rng_state(state["rng"])
+            position = state["position"]
+            missing = [k for k in ("epoch", "batch", "step", "best", "bad_evals") if k not in position]
+            if missing:
+                raise KeyError(f"position lacks {missing}")
+            return position, state["best_model"], state["history"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ArtifactError(
+                f"{path}: does not fit this model and its optimisers ({short_error(e)}); it was written by a run "
+                "with other settings: resume with the same settings or use a fresh output directory"
+            ) from None
 
     # -- training ------------------------------------------------------------------
     def fit(
@@ -178,14 +207,18 @@ class Trainer:
         start_epoch, start_batch, step = 0, 0, 0
         best = {"auc": -math.inf, "logloss": math.inf, "step": 0}
         bad_evals = 0
+        stopped = False
         if resume and (restored := self.load_checkpoint()) is not None:
             position, best_state, history = restored
             start_epoch, start_batch, step = position["epoch"], position["batch"], position["step"]
             best, bad_evals = position["best"], position["bad_evals"]
             self.log(f"resumed from {self.out_dir / CHECKPOINT} at epoch {start_epoch}, batch {start_batch}")
+            # killed right after the validation that stopped it early: nothing is left to train
+            stopped = bad_evals >= cfg.patience
+            if stopped:
+                start_epoch = cfg.epochs
         t0 = time.perf_counter()
         step_time, timed_steps = 0.0, 0
-        stopped = False
         self.model.train()
         for epoch in range(start_epoch, cfg.epochs):
             batches = iter_batches(train, fields, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
@@ -203,7 +236,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 last = b + 1 == n_batches
                 if (b + 1) % eval_every == 0 or last:
-                    m = evaluate(self.model, val, fields, cfg.eval_batch_size)
+                    try:
+                        m = evaluate(self.model, val, fields, cfg.eval_batch_size)
+                    except NonFiniteLossError as e:
+                        raise NonFiniteLossError(f"{e}: validation after step {step}{self._last_good()}") from None
                     m.update(epoch=epoch + 1, step=step, train_loss=loss)
                     history.append(m)
                     improved = m["auc"] > best["auc"] or math.isnan(best["auc"])
@@ -236,6 +272,14 @@ class Trainer:
             stopped_early=stopped,
         )
 
+    def _last_good(self) -> str:
+        """The message tail naming the checkpoint a ``NonFiniteLossError`` leaves in place."""
+        if self.out_dir is None:
+            return ""
+        if not (self.out_dir / CHECKPOINT_META).exists():
+            return "; no checkpoint was written before it"
+        return f"; the last good checkpoint is kept: {self.out_dir / CHECKPOINT}"
+
     def _step(self, kjt, labels: torch.Tensor, step: int) -> float:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -245,8 +289,7 @@ class Trainer:
         if extra is not None and (penalty := extra()) is not None:
             loss = loss + penalty
         if not torch.isfinite(loss):
-            where = f"; last good checkpoint: {self.out_dir / CHECKPOINT}" if self.out_dir else ""
-            raise NonFiniteLossError(f"training loss became {loss.item()} at step {step + 1}{where}")
+            raise NonFiniteLossError(f"training loss became {loss.item()} at step {step + 1}{self._last_good()}")
         loss.backward()
         for opt in self.optimizers:
             opt.step()

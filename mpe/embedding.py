@@ -160,12 +160,15 @@ class MixedPrecisionEmbedding(nn.Module):
             return rows
         groups = self.group_of_row[self.global_ids(kjt)].reshape(-1)
         flat = rows.reshape(-1, self.dim)
+        # index_select, not [groups]: the backward of advanced indexing accumulates with
+        # parallel index_put_ on CPU, whose summation order varies between runs (a resumed run
+        # could then not reproduce an uninterrupted one); index_select's backward is deterministic
         if self.phase == "fixed":
             out = self.quantizer.quantize_per_row(flat, self.fixed_index[groups])
         elif self.mode == "expected":
-            out = self.quantizer.mix_expected(flat, self.probabilities()[groups])
+            out = self.quantizer.mix_expected(flat, self.probabilities().index_select(0, groups))
         else:
-            out = self.quantizer.mix_sampled(flat, (self.logits / self.tau)[groups], tau=1.0)
+            out = self.quantizer.mix_sampled(flat, (self.logits / self.tau).index_select(0, groups), tau=1.0)
         return out.view_as(rows)
 
     def expected_bits(self) -> torch.Tensor:

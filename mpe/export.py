@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = export_run(args.run, args.out, torchrec=not args.no_torchrec)
-    except (ArtifactError, FileNotFoundError, ValueError) as e:
+    except (ArtifactError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     header = json.loads((Path(args.out) / HEADER_FILE).read_text())

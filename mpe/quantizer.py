@@ -147,7 +147,7 @@ class LSQQuantizer(nn.Module):
     # -- deterministic quantization -----------------------------------------------------
     def _rows(self, bit_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         idx = bit_index.reshape(-1, 1)
-        a = self.steps()[idx]
+        a = self.steps().index_select(0, idx.reshape(-1)).view(-1, 1)  # deterministic backward
         return a, self.low[idx], self.high[idx], self.bits[idx] > 0, self.grad_scale[idx]
 
     def _check(self, w: Tensor) -> None:

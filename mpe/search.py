@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -28,13 +29,16 @@ from data.artifacts import (
     atomic_write_json,
     load_torch,
     read_json,
+    read_sealed_json,
+    seal_json,
     sha256_file,
+    short_error,
 )
 from data.batches import PreparedDataset, SplitArrays
 from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
 from genlora_rec.train import add_training_arguments
-from genlora_rec.trainer import FitResult, TrainConfig, Trainer, evaluate
+from genlora_rec.trainer import FitResult, NonFiniteLossError, TrainConfig, Trainer, evaluate
 from mpe.bitwidths import (
     DEFAULT_CANDIDATES,
     fp32_table_bytes,
@@ -49,6 +53,8 @@ DEFAULT_LAMBDA = {"criteo": 3e-4, "avazu": 2e-6}
 DEFAULT_L2 = {"criteo": 3e-6, "avazu": 0.0}
 SELECTIONS = ("threshold", "argmax", "budgeted")
 MODEL_FILE, MODEL_META = "model.pt", "model.json"
+MODEL_SCHEMA_VERSION = 2  # 2: meta_sha256, model.json's checksum of itself
+STAGES_FILE, STAGES_DIGEST = "stages.json", "stages_sha256"
 
 
 @dataclass
@@ -265,8 +271,8 @@ def save_model(model: CTRModel, cfg: MPEConfig, data: PreparedDataset, out: Path
     """``model.pt`` (weights only) + ``model.json`` (what rebuilds it, and its sha256)."""
     atomic_torch_save(out / MODEL_FILE, model.state_dict())
     emb: MixedPrecisionEmbedding = model.embedding
-    atomic_write_json(out / MODEL_META, {
-        "schema_version": 1,
+    atomic_write_json(out / MODEL_META, seal_json({
+        "schema_version": MODEL_SCHEMA_VERSION,
         "kind": "mpe",
         "fields": data.fields,
         "cardinalities": data.cardinalities,
@@ -279,26 +285,77 @@ def save_model(model: CTRModel, cfg: MPEConfig, data: PreparedDataset, out: Path
         "tower": cfg.tower,
         "hidden": list(cfg.hidden) if cfg.hidden else None,
         "sha256": sha256_file(out / MODEL_FILE),
-    })
+    }, "meta_sha256"))
 
 
 def load_model(run_dir: str | Path) -> tuple[CTRModel, dict]:
-    """Rebuild the retrained MPE model of a run directory (checksum verified, no pickle)."""
+    """Rebuild the retrained MPE model of a run directory (checksums verified, no pickle).
+
+    ``model.json``'s own checksum and schema version and ``model.pt``'s sha256 are checked,
+    and the weights must fit the description; otherwise ``ArtifactError``.
+    """
     run_dir = Path(run_dir)
-    meta = read_json(run_dir / MODEL_META)
-    if meta.get("schema_version") != 1 or meta.get("kind") != "mpe":
-        raise ArtifactError(f"{run_dir / MODEL_META}: not an MPE model description (schema_version 1)")
-    state = load_torch(run_dir / MODEL_FILE, expected_sha256=meta["sha256"])
-    embedding = MixedPrecisionEmbedding(
-        meta["fields"], meta["cardinalities"], meta["dim"],
-        state["embedding.group_of_row"].numpy(), state["embedding.penalty_weights"].numpy(),
-        candidates=meta["candidates"], mode=meta["mode"], tau=meta["tau"],
-    )
-    tower = build_tower(meta["tower"], len(meta["fields"]), meta["dim"], tuple(meta["hidden"]) if meta["hidden"] else None)
-    model = CTRModel(embedding, tower)
-    model.load_state_dict(state)
+    meta_path = run_dir / MODEL_META
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("kind") != "mpe":
+        raise ArtifactError(f"{meta_path}: not an MPE model description")
+    if meta.get("schema_version") != MODEL_SCHEMA_VERSION:
+        raise ArtifactError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, this version reads "
+                            f"{MODEL_SCHEMA_VERSION}; run mpe.search again to rewrite it")
+    meta = read_sealed_json(meta_path, "meta_sha256")
+    try:
+        state = load_torch(run_dir / MODEL_FILE, expected_sha256=str(meta["sha256"]))
+        embedding = MixedPrecisionEmbedding(
+            meta["fields"], meta["cardinalities"], meta["dim"],
+            state["embedding.group_of_row"].numpy(), state["embedding.penalty_weights"].numpy(),
+            candidates=meta["candidates"], mode=meta["mode"], tau=meta["tau"],
+        )
+        hidden = tuple(meta["hidden"]) if meta["hidden"] else None
+        tower = build_tower(meta["tower"], len(meta["fields"]), meta["dim"], hidden)
+        model = CTRModel(embedding, tower)
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ArtifactError(f"{run_dir / MODEL_FILE}: does not match {MODEL_META} ({short_error(e)})") from None
     embedding.set_phase("fixed")
     return model, meta
+
+
+def _stage_config(cfg: MPEConfig) -> dict:
+    """The settings a resumed run must share with the interrupted one (JSON form)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "progress"}))
+
+
+def _load_stages(path: Path, cfg: MPEConfig) -> dict:
+    """``stages.json`` of an interrupted run, checked (own checksum, same settings); {} if absent."""
+    if not path.exists():
+        return {}
+    stages = read_json(path)
+    if isinstance(stages, dict) and STAGES_DIGEST in stages:
+        stages = read_sealed_json(path, STAGES_DIGEST)
+    elif not isinstance(stages, dict):
+        raise ArtifactError(f"{path}: not a JSON object")
+    if "config" in stages and stages["config"] != _stage_config(cfg):
+        before, now = stages["config"], _stage_config(cfg)
+        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise ArtifactError(f"{path}: the interrupted run used other settings ({', '.join(diff)} differ); "
+                            "resume with the same options or use another --out")
+    try:
+        if "search" in stages:
+            FitResult(**stages["search"])
+            str(stages["search_sha256"])
+        if "bits" in stages:
+            [int(b) for b in stages["bits"]], dict(stages["selection"])
+        if "lambda" in stages:
+            float(stages["lambda"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: malformed ({e})") from None
+    return stages
+
+
+def _save_stages(path: Path, stages: dict, cfg: MPEConfig) -> None:
+    """Atomically write ``stages.json`` with the run's settings and its own checksum."""
+    stages.update(config=_stage_config(cfg))
+    atomic_write_json(path, seal_json({k: v for k, v in stages.items() if k != STAGES_DIGEST}, STAGES_DIGEST))
 
 
 def plot_bits(path: Path, group_freq: np.ndarray, bits: np.ndarray, title: str) -> None:
@@ -330,8 +387,8 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     log = _log(cfg)
     t0 = time.perf_counter()
-    stages_path = out / "stages.json"
-    stages = read_json(stages_path) if resume and stages_path.exists() else {}
+    stages_path = out / STAGES_FILE
+    stages = _load_stages(stages_path, cfg) if resume else {}
     fp32_bytes = fp32_table_bytes(data.num_features, cfg.dim)
     trials: list[dict] = stages.get("lambda_trials", [])
     lam = stages.get("lambda", cfg.lambda_value())
@@ -339,7 +396,7 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) 
         log(f"finding lambda for {cfg.target_ratio:g}x by bisection ({cfg.bisection_steps} short searches)")
         lam, trials = find_lambda(data, cfg, cfg.target_ratio)
         stages.update(lambda_trials=trials, **{"lambda": lam})
-        atomic_write_json(stages_path, stages)
+        _save_stages(stages_path, stages, cfg)
     model = build_model(data, cfg, lam=lam)
     emb: MixedPrecisionEmbedding = model.embedding
     init_weight = emb.global_weight()
@@ -352,7 +409,7 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) 
         search_fit = search(model, data, cfg, out / "search", resume=resume)
         atomic_torch_save(out / "search_model.pt", model.state_dict())
         stages.update(search=asdict(search_fit), search_sha256=sha256_file(out / "search_model.pt"))
-        atomic_write_json(stages_path, stages)
+        _save_stages(stages_path, stages, cfg)
     probs = emb.probabilities().detach().numpy()
     budget = int(fp32_bytes / cfg.target_ratio) if cfg.target_ratio else None
     if "bits" in stages:
@@ -367,7 +424,7 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) 
             )
             sel_info = {**sel_info, "budget_adjustments": moves}
         stages.update(bits=[int(b) for b in bits], selection=sel_info)
-        atomic_write_json(stages_path, stages)
+        _save_stages(stages_path, stages, cfg)
     log(f"selected ({cfg.selection}): mean {float(np.mean(bits)):.3f} bits per group")
     retrain_fit = retrain(model, init_weight, bits, data, cfg, out / "retrain", resume=resume)
     test = evaluate(model, data.split("test"), data.fields)
@@ -471,9 +528,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg.dataset = data.dataset
         out = Path(args.out or f"runs/mpe_{data.dataset}")
         report = run(data, cfg, out, resume=args.resume)
-    except (sources.DataNotFoundError, ValueError, FileNotFoundError, ArtifactError) as e:
+    except (sources.DataNotFoundError, ValueError, OSError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"\nMPE on {data.dataset} -> {out}\n{summary_table(report)}")
     return 0
 

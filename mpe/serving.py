@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from data.artifacts import ArtifactError, load_torch, read_json, safe_child
+from data.artifacts import ArtifactError, load_torch, read_json, safe_child, short_error
 from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
 from mpe.packed import PackedEmbedding, load_packed_export
@@ -47,13 +47,20 @@ def load_served_model(export_dir: str | Path) -> CTRModel:
     """The export's packed embedding plugged into its tower (``tower.pt`` + ``tower.json``)."""
     export_dir = Path(export_dir)
     packed = load_packed_export(export_dir)
-    meta = read_json(export_dir / TOWER_META)
+    meta_path = export_dir / TOWER_META
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+        raise ArtifactError(f"{meta_path}: not a tower description (no sha256)")
+    # the header is checksummed; the tower description must agree with it
+    for key in ("fields", "field_offsets", "dim"):
+        if meta.get(key) != packed.header.get(key):
+            raise ArtifactError(f"{meta_path}: {key} disagrees with {export_dir / 'header.json'}; edited or mixed up")
     state = load_torch(safe_child(export_dir, meta.get("file", TOWER_FILE)), expected_sha256=meta["sha256"])
-    hidden = tuple(meta["hidden"]) if meta.get("hidden") else None
-    tower = build_tower(meta["tower"], len(meta["fields"]), meta["dim"], hidden)
     try:
+        hidden = tuple(meta["hidden"]) if meta.get("hidden") else None
+        tower = build_tower(meta["tower"], len(meta["fields"]), meta["dim"], hidden)
         tower.load_state_dict(state)
-    except RuntimeError as e:
-        raise ArtifactError(f"{export_dir / TOWER_FILE}: tower weights do not match {meta['tower']} ({e})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{export_dir / TOWER_FILE}: tower weights do not match {meta_path} ({short_error(e)})") from None
     model = CTRModel(PackedEmbeddingModule(packed, meta["fields"], meta["field_offsets"]), tower)
     return model.eval()

@@ -207,20 +207,23 @@ def test_corrupted_or_inconsistent_files_raise_artifact_error(tmp_path: Path) ->
 
 
 def test_weights_inconsistent_with_config_raise_artifact_error(tmp_path: Path) -> None:
-    from data.artifacts import atomic_write_json
+    from data.artifacts import atomic_write_json, seal_json
 
     model = inject_adapters(_model(), LoRAConfig(r=2), PATTERN)
     meta = save_adapter(model, tmp_path)
     meta["config"]["r"] = 3  # config now disagrees with the stored tensors
     atomic_write_json(tmp_path / CONFIG_FILE, meta)
+    with pytest.raises(ArtifactError, match="checksum mismatch"):  # an edit without resealing
+        load_adapter(_model(), tmp_path)
+    atomic_write_json(tmp_path / CONFIG_FILE, seal_json(meta, "config_sha256"))
     with pytest.raises(ArtifactError, match="shape"):
         load_adapter(_model(), tmp_path)
     meta["config"]["rank"] = 3
-    atomic_write_json(tmp_path / CONFIG_FILE, meta)
+    atomic_write_json(tmp_path / CONFIG_FILE, seal_json(meta, "config_sha256"))
     with pytest.raises(ArtifactError, match="unknown config field"):
         load_adapter(_model(), tmp_path)
     meta["adapter_type"] = "ia3"
-    atomic_write_json(tmp_path / CONFIG_FILE, meta)
+    atomic_write_json(tmp_path / CONFIG_FILE, seal_json(meta, "config_sha256"))
     with pytest.raises(ArtifactError, match="unknown adapter_type"):
         load_adapter(_model(), tmp_path)
 

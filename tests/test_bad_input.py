@@ -351,3 +351,110 @@ def test_reader_prefetch_gives_same_blocks(criteo_sample):
     assert len(a) == len(b) > 1
     for x, y in zip(a, b, strict=True):
         assert x.equals(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rest of the corpus (issue 8): truncated last line, integer edge cases, header lines in
+# Criteo, broken gzip, binary junk, short lines with undecodable bytes, CRLF Avazu
+# ---------------------------------------------------------------------------------------------
+def test_truncated_last_line(criteo_sample, tmp_path):
+    rows = criteo_rows(criteo_sample)
+    text = "".join("\t".join(r) + "\n" for r in rows)
+    src = tmp_path / "cut.txt"
+    src.write_text(text[: len(text) - 60])  # the download stopped inside the last row
+    err = prepare_error("criteo", src, tmp_path / "out")
+    assert_names(err, "cut.txt", 20, None)
+    assert "line ends early" in str(err) and err.reason == "column_count"
+    m = prepare("criteo", src, tmp_path / "skip", on_bad_rows="skip", progress=False)
+    assert m["rows"]["total"] == 19 and m["bad_rows"]["by_reason"] == {"column_count": 1}
+    complete = tmp_path / "no_final_newline.txt"
+    complete.write_text(text[:-1])  # a complete last row without its newline is fine
+    assert prepare("criteo", complete, tmp_path / "ok", progress=False)["rows"]["total"] == 20
+
+
+def test_negative_and_huge_integers(criteo_sample, tmp_path):
+    rows = criteo_rows(criteo_sample)
+    set_value(rows, CRITEO, 3, "I2", "-3")  # Criteo integers may be negative
+    set_value(rows, CRITEO, 4, "I3", "999999999999999999")  # 18 digits: still an int64
+    m = prepare("criteo", write_criteo(tmp_path / "edge.txt", rows), tmp_path / "out", progress=False, min_count=1)
+    assert m["rows"]["total"] == 20
+    vocab = pq.read_table(tmp_path / "out" / "vocab.parquet").to_pandas()
+    assert "-3" in set(vocab[vocab.field == "I2"].value)
+    for value in ("99999999999999999999", "-99999999999999999999", "1e5", "0x1f", "+-1", " 7"):
+        rows = criteo_rows(criteo_sample)
+        set_value(rows, CRITEO, 5, "I4", value)
+        err = prepare_error("criteo", write_criteo(tmp_path / "huge.txt", rows), tmp_path / "out2")
+        assert str(err) == f"huge.txt:6: column I4: expected an integer, found {value!r}"
+
+
+def test_criteo_file_with_a_header_line(criteo_sample, tmp_path):
+    header = "\t".join(CRITEO.columns) + "\n"
+    (tmp_path / "hdr.txt").write_text(header)
+    err = prepare_error("criteo", tmp_path / "hdr.txt", tmp_path / "out")
+    assert str(err) == "hdr.txt:1: column label: expected 0 or 1, found 'label'"
+    rows = criteo_rows(criteo_sample)
+    (tmp_path / "hdr_rows.txt").write_text(header + "".join("\t".join(r) + "\n" for r in rows))
+    assert_names(prepare_error("criteo", tmp_path / "hdr_rows.txt", tmp_path / "out"), "hdr_rows.txt", 1, "label")
+    m = prepare("criteo", tmp_path / "hdr_rows.txt", tmp_path / "skip", on_bad_rows="skip", progress=False)
+    assert m["rows"]["total"] == 20 and m["bad_rows"]["by_reason"] == {"bad_label": 1}
+
+
+def test_broken_gzip_and_binary_junk(criteo_sample, tmp_path):
+    rows = criteo_rows(criteo_sample)
+    packed = gzip.compress("".join("\t".join(r) + "\n" for r in rows).encode())
+    (tmp_path / "cut.txt").write_bytes(packed[: len(packed) // 2])  # gzip, truncated, no .gz name
+    err = prepare_error("criteo", tmp_path / "cut.txt", tmp_path / "out")
+    assert str(err).startswith("cut.txt: cannot read the gzip stream") and "runcated" in str(err)
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b" + bytes(100))
+    assert "cannot read the gzip stream" in str(prepare_error("avazu", tmp_path / "bad.gz", tmp_path / "out"))
+    (tmp_path / "junk.bin").write_bytes(bytes(range(256)) * 8)
+    err = prepare_error("criteo", tmp_path / "junk.bin", tmp_path / "out")
+    assert_names(err, "junk.bin", 1, "I2")
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_short_line_with_undecodable_bytes(criteo_sample, tmp_path, capfd, mode):
+    # pyarrow cannot hand such a line to the row handler; it must still be named, and quietly
+    lines = ["\t".join(r).encode() for r in criteo_rows(criteo_sample)]
+    lines[7] = lines[7][:50] + b"\xff\xfe"
+    src = tmp_path / "mixed.txt"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    err = prepare_error("criteo", src, tmp_path / "out", on_bad_rows=mode)
+    assert_names(err, "mixed.txt", 8, None)
+    assert "line ends early" in str(err) and "not UTF-8" in str(err)
+    assert ("cannot be skipped" in str(err)) == (mode == "skip")
+    assert "Exception ignored" not in capfd.readouterr().err
+    lines[3] = lines[3][:20]  # an earlier ordinary short line is reported first
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    if mode == "error":
+        assert_names(prepare_error("criteo", src, tmp_path / "out"), "mixed.txt", 4, None)
+
+
+def test_avazu_crlf_gives_the_same_output(avazu_sample, tmp_path):
+    header, rows = avazu_rows(avazu_sample, 200)
+    lf = write_avazu(tmp_path / "lf.csv", header, rows)
+    crlf = tmp_path / "crlf.csv"
+    crlf.write_bytes(lf.read_bytes().replace(b"\n", b"\r\n"))
+    a = prepare("avazu", lf, tmp_path / "a", progress=False)
+    b = prepare("avazu", crlf, tmp_path / "b", progress=False)
+    assert a["files"]["vocab.parquet"] == b["files"]["vocab.parquet"]
+    assert a["files"]["train.parquet"] == b["files"]["train.parquet"]
+
+
+def test_training_cli_bad_paths_and_unknown_dataset(criteo_sample, tmp_path, capsys):
+    from genlora_rec.train import main as train_main
+
+    common = ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--no-progress"]
+    for argv, expected in [
+        (["--dataset", "movielens", "--synthetic", "100"], "unknown dataset 'movielens'"),
+        (["--dataset", "criteo", "--data", str(tmp_path)], "is a directory"),
+        (["--dataset", "criteo", "--data", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
+        (["--dataset", "avazu", "--data", str(criteo_sample)], "looks like a Criteo file"),
+    ]:
+        assert train_main(argv + common) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as e:  # data.prepare: argparse rejects the choice
+        main(["--dataset", "movielens", "--input", str(criteo_sample), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "invalid choice: 'movielens'" in capsys.readouterr().err

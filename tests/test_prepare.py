@@ -94,7 +94,7 @@ def avazu_out(avazu_sample, tmp_path_factory) -> tuple[Path, dict]:
 def test_criteo_counts_and_layout(criteo_out):
     out, m = criteo_out
     assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "manifest.json"])
-    assert m["schema_version"] == 1 and m["dataset"] == "criteo"
+    assert m["schema_version"] == 2 and m["dataset"] == "criteo"
     assert m["fields"] == list(CRITEO.fields)
     assert m["rows"]["total"] == 8000
     assert sum(m["rows"][s] for s in SPLITS) == 8000
