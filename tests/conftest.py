@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny test models gain nothing from intra-op threads, and on a shared 2-core machine the
+# threads compete (tiny embedding lookups went from ~0.01 ms to ~15 ms). Tests that need
+# several threads set them locally (tests/test_resume.py).
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CRITEO_SAMPLE = SHARED_DATA / "criteo_sample" / "train.txt"
