@@ -67,6 +67,36 @@ def torchrec_table_bytes(rows: int, bits: int, dim: int, row_alignment: int = DE
     return -(-raw // TABLE_ALIGNMENT) * TABLE_ALIGNMENT
 
 
+def quantize_ebc(
+    ebc: EmbeddingBagCollection,
+    data_types: dict[str, DataType],
+    row_alignment: int = DEFAULT_ROW_ALIGNMENT,
+) -> QuantEmbeddingBagCollection:
+    """torchrec's quantized copy of the float ``ebc`` (fbgemm n-bit rowwise TBE, fp32 output).
+
+    ``data_types``: table name -> INT8 / INT4 / INT2 for every table. ``ebc`` gets a
+    ``qconfig`` attribute (pass a copy to keep it untouched). Raises ``RuntimeError`` if
+    torchrec does not store a table at the type asked for.
+    """
+    ebc.qconfig = QuantConfig(
+        activation=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.quint8),
+        per_table_weight_dtype={name: _QDTYPE[t] for name, t in data_types.items()},
+    )
+    setattr(ebc, MODULE_ATTR_ROW_ALIGNMENT_INT, int(row_alignment))
+    qebc = QuantEmbeddingBagCollection.from_float(ebc)
+    got = {c.name: c.data_type for c in qebc.embedding_bag_configs()}
+    if got != dict(data_types):
+        raise RuntimeError(f"torchrec quantized the tables as {got}, expected {dict(data_types)}")
+    return qebc
+
+
+def tbe_weight_buffers(qebc: QuantEmbeddingBagCollection) -> list[torch.Tensor]:
+    """The uint8 weight buffers of every fbgemm TBE of ``qebc`` (host, device and UVM; the
+    empty ones included): codes + fp16 scale/bias + row and table alignment, as stored."""
+    return [getattr(m, n) for m in qebc._emb_modules for n in ("weights_host", "weights_dev", "weights_uvm")]
+
+
 @dataclass(frozen=True)
 class QuantTable:
     """One bucket's torchrec table."""
@@ -105,9 +135,7 @@ class TorchrecQuantEmbedding:
 
     def weight_bytes(self) -> int:
         """Measured bytes of the quantized weights (codes + scale/bias + alignment)."""
-        return sum(
-            int(getattr(m, name).nbytes) for m in self._tbes() for name in ("weights_host", "weights_dev", "weights_uvm")
-        )
+        return 0 if self.qebc is None else sum(int(b.nbytes) for b in tbe_weight_buffers(self.qebc))
 
     def metadata_bytes(self) -> int:
         """Bytes of the TBE's other buffers (offsets, types, ...): small, not per row."""
@@ -193,18 +221,7 @@ def build_torchrec_quant(packed: PackedEmbedding, row_alignment: int = DEFAULT_R
         with torch.no_grad():
             for t in tables:
                 ebc.embedding_bags[t.name].weight.copy_(packed.bucket_values(t.bits))
-        float_obs = torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.float)
-        ebc.qconfig = QuantConfig(
-            activation=float_obs,
-            weight=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.quint8),
-            per_table_weight_dtype={t.name: _QDTYPE[t.data_type] for t in tables},
-        )
-        setattr(ebc, MODULE_ATTR_ROW_ALIGNMENT_INT, int(row_alignment))
-        qebc = QuantEmbeddingBagCollection.from_float(ebc)
-        got = {c.name: c.data_type for c in qebc.embedding_bag_configs()}
-        want = {t.name: t.data_type for t in tables}
-        if got != want:
-            raise RuntimeError(f"torchrec quantized the tables as {got}, expected {want}")
+        qebc = quantize_ebc(ebc, {t.name: t.data_type for t in tables}, row_alignment)
     return TorchrecQuantEmbedding(
         qebc,
         tables,
