@@ -57,7 +57,7 @@ from torchrec import KeyedJaggedTensor
 from baselines.base import CompressedEmbedding, read_tables
 from baselines.budget import budget_bytes, is_ratio, parse_ratio
 from baselines.registry import Method, MethodInputs
-from genlora_rec.model import DEFAULT_INIT_STD, build_ebc, table_name
+from genlora_rec.model import DEFAULT_INIT_STD, build_ebc, field_rows, table_name
 from mpe.bitwidths import npy_file_bytes
 from mpe.packing import ef_decode, ef_encode, ef_nbytes
 
@@ -224,7 +224,7 @@ class PEPEmbedding(CompressedEmbedding):
         ids = self.global_ids(kjt)
         if not self.training:
             return self.effective_table()[ids]
-        rows = self.ebc(kjt).values().view(-1, len(self.fields), self.dim)
+        rows = field_rows(self.ebc(kjt), self.fields, self.dim)
         if self.mask is not None:
             return rows * self.mask[ids]
         s = self.threshold if self.granularity == "field_dim" else self.threshold[ids]

@@ -106,12 +106,25 @@ def iter_batches(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
+    rank_of: tuple[int, int] | None = None,
 ) -> Iterator[tuple[KeyedJaggedTensor, torch.Tensor]]:
-    """Yield ``(kjt, labels[B])`` batches over ``split``; a seeded permutation when ``shuffle``."""
+    """Yield ``(kjt, labels[B])`` batches over ``split``; a seeded permutation when ``shuffle``.
+
+    ``rank_of=(rank, world)``: yield only this rank's ``B // world`` rows of every global
+    batch of B rows (the same size on every rank; the at most ``world - 1`` rows left over
+    from a batch are not used, and a last batch of fewer than ``world`` rows is dropped).
+    """
     n = len(split)
     order = np.random.default_rng(seed).permutation(n) if shuffle else None
     for start in range(0, n, batch_size):
-        index = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
+        stop = min(n, start + batch_size)
+        if rank_of is not None:
+            rank, world = rank_of
+            local = (stop - start) // world
+            if local == 0:
+                return
+            start, stop = start + rank * local, start + (rank + 1) * local
+        index = order[start:stop] if order is not None else slice(start, stop)
         part = split.subset(index)
         yield to_kjt(part.ids, fields), torch.from_numpy(np.ascontiguousarray(part.labels))
 

@@ -12,6 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from data.artifacts import ArtifactError
 from data.batches import PreparedDataset
 from data.schema import get_schema
 
@@ -104,3 +105,25 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
         on_bad_rows=args.on_bad_rows, progress=progress,
     )
     return PreparedDataset(out)
+
+
+def resolve_once(args: argparse.Namespace, progress: bool = True, dist=None) -> PreparedDataset:
+    """``resolve`` in a multi-process run: rank 0 generates / prepares, the others wait and
+    then open the same cached directory (``dist``: a ``genlora_rec.distributed.DistEnv``)."""
+    if dist is None:
+        return resolve(args, progress=progress)
+    import torch.distributed as tdist
+
+    failure = None
+    if dist.is_main:
+        try:
+            data = resolve(args, progress=progress)
+        except (DataNotFoundError, ValueError, OSError, ArtifactError) as e:
+            failure = e
+    box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    tdist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise ValueError(f"rank 0 could not prepare the data ({box[0]})")
+    return data if dist.is_main else resolve(args, progress=False)

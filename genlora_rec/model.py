@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    KeyedJaggedTensor,
+    KeyedTensor,
+    PoolingType,
+)
 
 FP32_BYTES = 4
 DEFAULT_INIT_STD = 0.003  # the MPE reference's N(0, 0.003) embedding init
@@ -44,6 +50,20 @@ def build_ebc(
     return ebc
 
 
+def field_rows(pooled: KeyedTensor, fields: Sequence[str], dim: int) -> torch.Tensor:
+    """An EBC's pooled output as Tensor[B, F, D] in ``fields`` order.
+
+    A sharded EBC returns its keys grouped by the rank that holds them, not in config order.
+    """
+    values = pooled.values()
+    keys = pooled.keys()
+    rows = values.view(-1, len(keys), dim)
+    if list(keys) == list(fields):
+        return rows
+    order = [keys.index(f) for f in fields]
+    return rows[:, order]
+
+
 class FP32Embedding(nn.Module):
     """The uncompressed reference: one fp32 torchrec table per field.
 
@@ -64,8 +84,7 @@ class FP32Embedding(nn.Module):
         self.ebc = build_ebc(self.fields, self.cardinalities, dim, init_std)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(kjt).values()
-        return pooled.view(-1, len(self.fields), self.dim)
+        return field_rows(self.ebc(kjt), self.fields, self.dim)
 
     def num_rows(self) -> int:
         return sum(self.cardinalities)

@@ -1,6 +1,8 @@
 """Train the fp32 CTR baseline: ``python -m genlora_rec.train --dataset criteo --synthetic 200000``.
 
-Prints and writes (``OUT/report.json``) test AUC, logloss and model bytes.
+Prints and writes (``OUT/report.json``) test AUC, logloss and model bytes. Under
+``torchrun --nproc_per_node=N -m genlora_rec.train ...`` the tables are sharded over the N
+processes (``genlora_rec.distributed``) and rank 0 writes the report.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from data import sources
 from data.artifacts import ArtifactError, atomic_write_json
+from genlora_rec import distributed
 from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.towers import TOWERS, build_tower
 from genlora_rec.trainer import NonFiniteLossError, TrainConfig, Trainer, evaluate
@@ -39,6 +42,13 @@ def add_training_arguments(
                    help=f"validations per epoch (default {evals_per_epoch})")
     g.add_argument("--seed", type=int, default=2022, help="model seed (default 2022)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = parser.add_argument_group("tables and multi-process training (torchrun)")
+    g.add_argument("--embedding-optimizer", choices=distributed.EMBEDDING_OPTIMIZERS, default="auto",
+                   help="optimizer of the embedding tables (default auto: Adam with the tower, except tables "
+                        "sharded on CPU, where fbgemm's fused kernels offer Adagrad)")
+    g.add_argument("--embedding-lr", type=float, default=None, help="learning rate of the tables (default --lr)")
+    g.add_argument("--sharding", choices=distributed.SHARDING_TYPES, default="table_wise",
+                   help="how torchrun processes split the tables (default table_wise; row_wise needs nccl)")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -51,6 +61,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         evals_per_epoch=args.evals_per_epoch,
         seed=args.seed,
         progress=not args.no_progress,
+        embedding_optimizer=args.embedding_optimizer,
+        embedding_lr=args.embedding_lr,
+        sharding=args.sharding,
     )
 
 
@@ -67,7 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        data = sources.resolve(args, progress=not args.no_progress)
+        dist = distributed.init_from_environment()
+        return _run(args, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace, dist: distributed.DistEnv | None) -> int:
+    main_rank = dist is None or dist.is_main
+    try:
+        data = sources.resolve_once(args, progress=not args.no_progress, dist=dist)
     except (sources.DataNotFoundError, ValueError, OSError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -79,16 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     t0 = time.perf_counter()
-    trainer = Trainer(model, train_config(args), out_dir=out)
     try:
+        trainer = Trainer(model, train_config(args), out_dir=out, dist=dist)
+        if trainer.plan and main_rank:
+            print("sharding plan: " + "; ".join(trainer.plan))
         fit = trainer.fit(data.split("train"), data.split("val"), data.fields, resume=args.resume)
-    except ArtifactError as e:
+    except (ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     test = evaluate(model, data.split("test"), data.fields)
+    if not main_rank:
+        distributed.barrier(dist)
+        return 0
     report = {
         "method": "fp32",
         "dataset": data.dataset,
@@ -104,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         "step_seconds": fit.step_seconds,
         "seconds": time.perf_counter() - t0,
         "history": fit.history,
+        "processes": 1 if dist is None else dist.world_size,
+        "embedding_optimizer": trainer.table_optimizer,
     }
     atomic_write_json(out / "report.json", report)
+    distributed.barrier(dist)
     print(
         f"fp32 {args.tower}: test AUC {test['auc']:.5f}  logloss {test['logloss']:.5f}  "
         f"embedding {report['embedding_bytes']:,} B  tower {report['tower_bytes']:,} B  -> {out / 'report.json'}"

@@ -3,6 +3,11 @@
 Adam, shuffled mini-batches of KJTs, validation AUC a few times per epoch, early stopping
 on it with the best weights kept, tqdm progress, scikit-learn metrics, and atomic
 weights-only checkpoints that ``resume=True`` continues from.
+
+Given a ``DistEnv`` (a ``torchrun`` process group), the same loop trains the model sharded
+by torchrec's ``DistributedModelParallel`` (``genlora_rec.distributed``): each rank takes
+its slice of every batch, evaluation is gathered so every rank sees the same AUC, and the
+trained weights end up, unsharded, in the model passed in, on every rank.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from data.artifacts import (
     short_error,
 )
 from data.batches import SplitArrays, iter_batches, num_batches
+from genlora_rec import distributed
+from genlora_rec.distributed import DistEnv
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_META = "checkpoint.json"
@@ -45,6 +52,11 @@ class TrainConfig:
     """Optimisation and early-stopping settings.
 
     ``patience`` counts validations (``evals_per_epoch`` per epoch) without AUC gain.
+    ``embedding_optimizer``: how the tables are trained: ``"auto"`` is Adam in the model's
+    optimizers, except for tables sharded on CPU, which fbgemm trains with Adagrad; any
+    other choice gives the tables their own optimizer, stepped in the backward pass, with
+    ``embedding_lr`` / ``embedding_weight_decay`` (default ``lr`` / ``weight_decay``).
+    ``sharding``: ``"table_wise"`` or ``"row_wise"``, for multi-process runs.
     """
 
     epochs: int = 1
@@ -56,6 +68,15 @@ class TrainConfig:
     eval_batch_size: int = 16384
     seed: int = 2022
     progress: bool = True
+    embedding_optimizer: str = "auto"
+    embedding_lr: float | None = None
+    embedding_weight_decay: float | None = None
+    sharding: str = "table_wise"
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters an ordinary optimizer should step: trainable, not updated in the backward pass."""
+    return [p for p in model.parameters() if p.requires_grad and not distributed.in_backward(p)]
 
 
 @dataclass
@@ -114,6 +135,9 @@ class Trainer:
             trainable parameters with ``config.lr`` and ``config.weight_decay``.
         out_dir: where ``checkpoint.pt`` is written at every validation (atomically).
         log: where progress lines go.
+        dist: the process group of a multi-process run (None: one process). The model is
+            then sharded for training (``genlora_rec.distributed.shard``); checkpoints and
+            ``resume`` are single-process only.
     """
 
     def __init__(
@@ -123,28 +147,44 @@ class Trainer:
         optimizers: OptimizerFactory | None = None,
         out_dir: str | os.PathLike | None = None,
         log: Callable[[str], None] = print,
+        dist: DistEnv | None = None,
     ):
-        self.model = model
+        self.target = model
         self.config = config
+        self.dist = dist
+        self.table_optimizer = distributed.resolve_embedding_optimizer(config.embedding_optimizer, dist)
+        self.plan: list[str] = []
+        if dist is None and self.table_optimizer == "adam" and config.embedding_optimizer == "auto":
+            self.model = model
+        else:
+            # the tables get an in-backward optimizer (and shards): on a copy, so the model passed
+            # in stays an ordinary module; fit() loads the trained weights back into it
+            work = copy.deepcopy(model)
+            wd = config.weight_decay if config.embedding_weight_decay is None else config.embedding_weight_decay
+            distributed.optimize_tables_in_backward(work, self.table_optimizer, config.embedding_lr or config.lr, wd)
+            self.model = work
+            if dist is not None:
+                self.model, self.plan = distributed.shard(work, dist, config.sharding)
         factory = optimizers or (
-            lambda m: [
-                torch.optim.Adam(
-                    [p for p in m.parameters() if p.requires_grad],
-                    lr=config.lr,
-                    weight_decay=config.weight_decay,
-                )
-            ]
+            lambda m: [torch.optim.Adam(trainable_parameters(m), lr=config.lr, weight_decay=config.weight_decay)]
         )
-        self.optimizers = factory(model)
+        self.optimizers = factory(distributed.unwrap(self.model))
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.log = log
+        main = dist is None or dist.is_main
+        self.log = log if main else (lambda _msg: None)
+
+    def _all_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The step optimizers, then the tables' in-backward ones (single process)."""
+        extra = [opt for p in distributed.table_parameters(self.model)
+                 for opt in getattr(p, "_in_backward_optimizers", [])]
+        return self.optimizers + extra
 
     # -- checkpointing -------------------------------------------------------------
     def _state(self, position: dict, best_state: dict, history: list[dict]) -> dict:
         return {
             "model": self.model.state_dict(),
             "best_model": best_state,
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "optimizers": [opt.state_dict() for opt in self._all_optimizers()],
             "position": position,
             "history": history,
             "config": asdict(self.config),
@@ -152,7 +192,7 @@ class Trainer:
         }
 
     def save_checkpoint(self, position: dict, best_state: dict, history: list[dict]) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or self.dist is not None:
             return
         path = self.out_dir / CHECKPOINT
         atomic_torch_save(path, self._state(position, best_state, history))
@@ -174,7 +214,7 @@ class Trainer:
         state = load_torch(path, expected_sha256=meta["sha256"])
         try:
             self.model.load_state_dict(state["model"])
-            for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            for opt, s in zip(self._all_optimizers(), state["optimizers"], strict=True):
                 opt.load_state_dict(s)
             torch.set_rng_state(state["rng"])
             position = state["position"]
@@ -198,7 +238,11 @@ class Trainer:
     ) -> FitResult:
         """Train with early stopping on validation AUC; the model ends with the best weights."""
         cfg = self.config
+        if resume and self.dist is not None:
+            raise ValueError("--resume is single-process only: a multi-process run restarts from the beginning")
         n_batches = num_batches(len(train), cfg.batch_size)
+        if self.dist is not None and len(train) - (n_batches - 1) * cfg.batch_size < self.dist.world_size:
+            n_batches -= 1  # too few rows left to give every rank one (iter_batches drops it)
         if n_batches == 0:
             raise ValueError("the training split is empty")
         eval_every = max(1, math.ceil(n_batches / max(1, cfg.evals_per_epoch)))
@@ -221,8 +265,10 @@ class Trainer:
         step_time, timed_steps = 0.0, 0
         self.model.train()
         for epoch in range(start_epoch, cfg.epochs):
-            batches = iter_batches(train, fields, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+            rank_of = (self.dist.rank, self.dist.world_size) if self.dist else None
+            batches = iter_batches(train, fields, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, rank_of=rank_of)
+            quiet = not cfg.progress or (self.dist is not None and not self.dist.is_main)
+            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False)
             for b, (kjt, labels) in enumerate(batches):
                 if epoch == start_epoch and b < start_batch:
                     bar.update(1)
@@ -237,7 +283,7 @@ class Trainer:
                 last = b + 1 == n_batches
                 if (b + 1) % eval_every == 0 or last:
                     try:
-                        m = evaluate(self.model, val, fields, cfg.eval_batch_size)
+                        m = self._evaluate(val, fields)
                     except NonFiniteLossError as e:
                         raise NonFiniteLossError(f"{e}: validation after step {step}{self._last_good()}") from None
                     m.update(epoch=epoch + 1, step=step, train_loss=loss)
@@ -249,7 +295,8 @@ class Trainer:
                         bad_evals = 0
                     else:
                         bad_evals += 1
-                    bar.write(f"  step {step}: val auc {m['auc']:.5f} logloss {m['logloss']:.5f}" + (" *" if improved else ""))
+                    if not quiet:
+                        bar.write(f"  step {step}: val auc {m['auc']:.5f} logloss {m['logloss']:.5f}" + (" *" if improved else ""))
                     next_pos = (epoch + 1, 0) if last else (epoch, b + 1)
                     position = {"epoch": next_pos[0], "batch": next_pos[1], "step": step, "best": best, "bad_evals": bad_evals}
                     self.save_checkpoint(position, best_state, history)
@@ -261,6 +308,10 @@ class Trainer:
                 self.log(f"early stop: no validation AUC gain in {cfg.patience} validations")
                 break
         self.model.load_state_dict(best_state)
+        if self.model is not self.target:
+            full = (distributed.full_state_dict(self.model, self.dist) if self.dist is not None
+                    else self.model.state_dict())
+            self.target.load_state_dict(full)
         return FitResult(
             best_auc=best["auc"],
             best_logloss=best["logloss"],
@@ -271,6 +322,17 @@ class Trainer:
             history=history,
             stopped_early=stopped,
         )
+
+    def _evaluate(self, split: SplitArrays, fields: Sequence[str]) -> dict[str, float]:
+        if self.dist is None:
+            return evaluate(self.model, split, fields, self.config.eval_batch_size)
+        for m in distributed.unwrap(self.model).modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                distributed.average_buffers(m, self.dist)
+        index, real = distributed.eval_slices(len(split), self.dist)
+        local = torch.from_numpy(predict(self.model, split.subset(index), fields, self.config.eval_batch_size))
+        probs = distributed.gather_predictions(local, real, len(split), self.dist)
+        return metrics(split.labels, probs)
 
     def _last_good(self) -> str:
         """The message tail naming the checkpoint a ``NonFiniteLossError`` leaves in place."""
@@ -285,12 +347,13 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         logits = self.model(kjt)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
-        extra = getattr(self.model, "extra_loss", None)
+        extra = getattr(distributed.unwrap(self.model), "extra_loss", None)
         if extra is not None and (penalty := extra()) is not None:
             loss = loss + penalty
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss became {loss.item()} at step {step + 1}{self._last_good()}")
+        value = distributed.all_finite(float(loss.detach()), self.dist)  # every rank stops together
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"training loss became {value} at step {step + 1}{self._last_good()}")
         loss.backward()
         for opt in self.optimizers:
             opt.step()
-        return float(loss.detach())
+        return value

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from genlora_rec.model import DEFAULT_INIT_STD, FP32_BYTES, build_ebc, table_name
+from genlora_rec.model import DEFAULT_INIT_STD, FP32_BYTES, build_ebc, field_rows, table_name
 from mpe.bitwidths import DEFAULT_CANDIDATES, packed_table_bytes, validate_candidates
 from mpe.quantizer import LSQQuantizer
 
@@ -155,7 +155,7 @@ class MixedPrecisionEmbedding(nn.Module):
         return values.view(len(self.fields), batch).t() + self.field_offsets
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        rows = self.ebc(kjt).values().view(-1, len(self.fields), self.dim)
+        rows = field_rows(self.ebc(kjt), self.fields, self.dim)
         if self.phase == "fp32":
             return rows
         groups = self.group_of_row[self.global_ids(kjt)].reshape(-1)

@@ -6,6 +6,10 @@ group, retrains the embeddings from their pre-search values at those bit-widths,
 the bit-packed export and a report (``report.json``, ``bits_vs_frequency.png``).
 With ``--target-ratio R`` lambda is found by bisection over short searches so the export
 is about R times smaller than the fp32 tables.
+
+Under ``torchrun --nproc_per_node=N -m mpe.search ...`` every stage trains sharded over the
+N processes (``genlora_rec.distributed``); every rank selects the bit-widths from the same
+synchronised state and the ranks check that they agree; rank 0 alone writes the run.
 """
 
 from __future__ import annotations
@@ -35,10 +39,19 @@ from data.artifacts import (
     short_error,
 )
 from data.batches import PreparedDataset, SplitArrays
+from genlora_rec import distributed
+from genlora_rec.distributed import DistEnv
 from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
 from genlora_rec.train import add_training_arguments
-from genlora_rec.trainer import FitResult, NonFiniteLossError, TrainConfig, Trainer, evaluate
+from genlora_rec.trainer import (
+    FitResult,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    trainable_parameters,
+)
 from mpe.bitwidths import (
     DEFAULT_CANDIDATES,
     fp32_table_bytes,
@@ -82,6 +95,9 @@ class MPEConfig:
     seed: int = 2022
     bisection_steps: int = 6
     bisection_fraction: float = 0.25
+    embedding_optimizer: str = "auto"
+    embedding_lr: float | None = None
+    sharding: str = "table_wise"
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -119,7 +135,7 @@ def mpe_optimizers(cfg: MPEConfig):
         emb: MixedPrecisionEmbedding = model.embedding
         quant = [p for p in emb.quant_parameters() if p.requires_grad]
         quant_ids = {id(p) for p in emb.quant_parameters()}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
+        rest = [p for p in trainable_parameters(model) if id(p) not in quant_ids]
         return [
             torch.optim.Adam(quant, lr=cfg.lr),
             torch.optim.Adam(rest, lr=cfg.lr, weight_decay=cfg.l2()),
@@ -137,19 +153,25 @@ def train_config(cfg: MPEConfig, epochs: int | None = None) -> TrainConfig:
         evals_per_epoch=cfg.evals_per_epoch,
         seed=cfg.seed,
         progress=cfg.progress,
+        embedding_optimizer=cfg.embedding_optimizer,
+        embedding_lr=cfg.embedding_lr,
+        embedding_weight_decay=cfg.l2(),
+        sharding=cfg.sharding,
     )
 
 
 def search(
     model: CTRModel, data: PreparedDataset, cfg: MPEConfig, out: Path | None, resume: bool = False,
-    train: SplitArrays | None = None,
+    train: SplitArrays | None = None, dist: DistEnv | None = None,
 ) -> FitResult:
     """Learn the precision distributions (and rows, tower, steps) with the size penalty.
 
     ``train`` replaces the training split (the bisection of ``find_lambda`` uses a prefix).
     """
     model.embedding.set_phase("search")
-    trainer = Trainer(model, train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg))
+    trainer = Trainer(model, train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg), dist=dist)
+    if trainer.plan and dist is not None and dist.is_main and out is not None:
+        print(f"sharding plan ({dist.world_size} processes, {dist.backend}): " + "; ".join(trainer.plan), flush=True)
     train = data.split("train") if train is None else train
     return trainer.fit(train, data.split("val"), data.fields, resume=resume)
 
@@ -181,13 +203,13 @@ def select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, budget_bytes:
 
 def retrain(
     model: CTRModel, init_weight: torch.Tensor, bits: np.ndarray, data: PreparedDataset, cfg: MPEConfig,
-    out: Path | None, resume: bool = False,
+    out: Path | None, resume: bool = False, dist: DistEnv | None = None,
 ) -> FitResult:
     """Rows back to their pre-search values, bit-widths frozen, tower/steps/offset kept, fresh Adam."""
     emb: MixedPrecisionEmbedding = model.embedding
     emb.load_global_weight(init_weight)
     emb.fix_bits(bits)
-    trainer = Trainer(model, train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg))
+    trainer = Trainer(model, train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg), dist=dist)
     return trainer.fit(data.split("train"), data.split("val"), data.fields, resume=resume)
 
 
@@ -233,7 +255,8 @@ def compression_ratio(data: PreparedDataset, cfg: MPEConfig, bits: np.ndarray, g
     return fp32_table_bytes(data.num_features, cfg.dim) / max(1, packed)
 
 
-def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float) -> tuple[float, list[dict]]:
+def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float,
+                dist: DistEnv | None = None) -> tuple[float, list[dict]]:
     """Bisection on log(lambda) over short searches until the selected bits give ~target x."""
     train = data.split("train")
     short_train = train.subset(slice(0, max(1, int(len(train) * cfg.bisection_fraction))))
@@ -245,11 +268,11 @@ def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float) -> tuple[f
     best = None
     for i in range(cfg.bisection_steps):
         model = build_model(data, short_cfg, lam=math.exp(log_lam))
-        search(model, data, short_cfg, out=None, train=short_train)
+        search(model, data, short_cfg, out=None, train=short_train, dist=dist)
         bits, _ = select(model, data, short_cfg, None)
         ratio = compression_ratio(data, cfg, bits, model.embedding.group_of_row.numpy())
         trials.append({"trial": i, "lambda": math.exp(log_lam), "ratio": ratio})
-        _log(cfg)(f"  lambda {math.exp(log_lam):.3g}: {ratio:.1f}x (target {target:g}x)")
+        _log(cfg, dist)(f"  lambda {math.exp(log_lam):.3g}: {ratio:.1f}x (target {target:g}x)")
         if best is None or abs(math.log(ratio / target)) < abs(math.log(best[1] / target)):
             best = (math.exp(log_lam), ratio)
         if abs(ratio / target - 1) <= 0.05:
@@ -262,8 +285,24 @@ def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float) -> tuple[f
     return best[0], trials
 
 
-def _log(cfg: MPEConfig):
-    return print if cfg.progress else (lambda _msg: None)
+def _log(cfg: MPEConfig, dist: DistEnv | None = None):
+    quiet = not cfg.progress or (dist is not None and not dist.is_main)
+    return (lambda _msg: None) if quiet else print
+
+
+def check_ranks_agree(bits: np.ndarray, dist: DistEnv | None) -> list[str]:
+    """sha256 of every rank's selected bits; ``RuntimeError`` when the ranks disagree."""
+    import hashlib
+
+    digest = hashlib.sha256(np.asarray(bits, dtype=np.int64).tobytes()).hexdigest()[:16]
+    if dist is None:
+        return [digest]
+    digests = [None] * dist.world_size
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the ranks selected different bit-widths (sha256 by rank: {digests}): "
+                           "their precision logits are out of sync")
+    return digests
 
 
 # -- run directory ------------------------------------------------------------------------
@@ -380,12 +419,21 @@ def plot_bits(path: Path, group_freq: np.ndarray, bits: np.ndarray, title: str) 
     tmp.replace(path)
 
 
-def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) -> dict:
-    """Search -> select -> retrain -> evaluate -> export; returns (and writes) the report."""
+def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
+        dist: DistEnv | None = None) -> dict:
+    """Search -> select -> retrain -> evaluate -> export; returns (and writes) the report.
+
+    With ``dist`` (a torchrun process group) every rank trains its shard and returns the
+    report; only rank 0 writes files, and ``resume`` is refused.
+    """
     from mpe.export import export_run
 
-    out.mkdir(parents=True, exist_ok=True)
-    log = _log(cfg)
+    if dist is not None and resume:
+        raise ValueError("--resume is single-process only: a multi-process run restarts from the beginning")
+    main = dist is None or dist.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = _log(cfg, dist)
     t0 = time.perf_counter()
     stages_path = out / STAGES_FILE
     stages = _load_stages(stages_path, cfg) if resume else {}
@@ -394,9 +442,10 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) 
     lam = stages.get("lambda", cfg.lambda_value())
     if cfg.target_ratio and "lambda" not in stages:
         log(f"finding lambda for {cfg.target_ratio:g}x by bisection ({cfg.bisection_steps} short searches)")
-        lam, trials = find_lambda(data, cfg, cfg.target_ratio)
+        lam, trials = find_lambda(data, cfg, cfg.target_ratio, dist)
         stages.update(lambda_trials=trials, **{"lambda": lam})
-        _save_stages(stages_path, stages, cfg)
+        if main:
+            _save_stages(stages_path, stages, cfg)
     model = build_model(data, cfg, lam=lam)
     emb: MixedPrecisionEmbedding = model.embedding
     init_weight = emb.global_weight()
@@ -406,10 +455,11 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) 
         search_fit = FitResult(**stages["search"])
         model.load_state_dict(load_torch(out / "search_model.pt", stages["search_sha256"]))
     else:
-        search_fit = search(model, data, cfg, out / "search", resume=resume)
-        atomic_torch_save(out / "search_model.pt", model.state_dict())
-        stages.update(search=asdict(search_fit), search_sha256=sha256_file(out / "search_model.pt"))
-        _save_stages(stages_path, stages, cfg)
+        search_fit = search(model, data, cfg, out / "search", resume=resume, dist=dist)
+        if main:
+            atomic_torch_save(out / "search_model.pt", model.state_dict())
+            stages.update(search=asdict(search_fit), search_sha256=sha256_file(out / "search_model.pt"))
+            _save_stages(stages_path, stages, cfg)
     probs = emb.probabilities().detach().numpy()
     budget = int(fp32_bytes / cfg.target_ratio) if cfg.target_ratio else None
     if "bits" in stages:
@@ -424,10 +474,15 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) 
             )
             sel_info = {**sel_info, "budget_adjustments": moves}
         stages.update(bits=[int(b) for b in bits], selection=sel_info)
-        _save_stages(stages_path, stages, cfg)
+        if main:
+            _save_stages(stages_path, stages, cfg)
+    rank_digests = check_ranks_agree(bits, dist)
     log(f"selected ({cfg.selection}): mean {float(np.mean(bits)):.3f} bits per group")
-    retrain_fit = retrain(model, init_weight, bits, data, cfg, out / "retrain", resume=resume)
+    retrain_fit = retrain(model, init_weight, bits, data, cfg, out / "retrain", resume=resume, dist=dist)
     test = evaluate(model, data.split("test"), data.fields)
+    if not main:
+        distributed.barrier(dist)  # rank 0 writes the run
+        return {"method": "mpe", "test": test, "bits_per_group": [int(b) for b in bits], "rank": dist.rank}
     save_model(model, cfg, data, out)
     export = export_run(out, out / "export", verify_data=data)
     freq = data.frequency()
@@ -463,10 +518,18 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False) 
             "total_seconds": time.perf_counter() - t0,
         },
         "history": {"search": search_fit.history, "retrain": retrain_fit.history},
+        "processes": 1 if dist is None else dist.world_size,
     }
+    if dist is not None:
+        report["distributed"] = {
+            "world_size": dist.world_size, "backend": dist.backend, "sharding": cfg.sharding,
+            "embedding_optimizer": distributed.resolve_embedding_optimizer(cfg.embedding_optimizer, dist),
+            "bits_sha256_by_rank": rank_digests,
+        }
     atomic_write_json(out / "report.json", report)
     plot_bits(out / "bits_vs_frequency.png", gfreq, bits,
               f"MPE on {data.dataset}: {report['compression_ratio']:.1f}x, test AUC {test['auc']:.4f}")
+    distributed.barrier(dist)
     return report
 
 
@@ -517,24 +580,30 @@ def config_from_args(args: argparse.Namespace) -> MPEConfig:
         samples=args.samples, tower=args.tower, hidden=tuple(args.hidden) if args.hidden else None,
         dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, evals_per_epoch=args.evals_per_epoch,
         patience=args.patience, weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
+        embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, sharding=args.sharding,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    dist = None
     try:
         cfg = config_from_args(args)
-        data = sources.resolve(args, progress=cfg.progress)
+        dist = distributed.init_from_environment()
+        data = sources.resolve_once(args, progress=cfg.progress, dist=dist)
         cfg.dataset = data.dataset
         out = Path(args.out or f"runs/mpe_{data.dataset}")
-        report = run(data, cfg, out, resume=args.resume)
+        report = run(data, cfg, out, resume=args.resume, dist=dist)
     except (sources.DataNotFoundError, ValueError, OSError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"\nMPE on {data.dataset} -> {out}\n{summary_table(report)}")
+    finally:
+        distributed.shutdown()
+    if dist is None or dist.is_main:
+        print(f"\nMPE on {data.dataset} -> {out}\n{summary_table(report)}")
     return 0
 
 

@@ -1,0 +1,261 @@
+"""Multi-process training on torchrec's ``DistributedModelParallel``.
+
+Launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` / ``MASTER_PORT``): every process builds the same model from the same
+seed, then ``shard`` hands it to torchrec, which
+
+- shards the embedding tables (every ``EmbeddingBagCollection`` in the model) table-wise
+  or row-wise over the ranks, as the planner chooses within ``--sharding``; the tables
+  are trained by fbgemm's fused kernels with the optimizer applied in the backward pass
+  (``apply_optimizer_in_backward``);
+- wraps the rest (dense tower, MPE logits, quantizer steps and offset) in
+  ``DistributedDataParallel``: every rank holds a full copy and gradients are averaged,
+  so those parameters are identical on every rank after every step.
+
+The backend is nccl when CUDA is available (one GPU per process, ``LOCAL_RANK``) and gloo
+on CPU. fbgemm's CPU kernels have no fused Adam: on CPU the sharded tables are trained
+with Adagrad (``resolve_embedding_optimizer``), on GPU with Adam as in one process.
+
+Every rank takes its own ``1/world`` slice of each global batch (``batch_slice``), so a
+step sees ``--batch-size`` examples in all. Evaluation is sharded the same way and the
+predictions are gathered on every rank, so every rank computes the same AUC and takes
+the same early-stopping decision. BatchNorm statistics are per rank under DDP; they are
+averaged over the ranks before every evaluation (``average_buffers``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingBagCollection
+
+SHARDING_TYPES = ("table_wise", "row_wise")
+EMBEDDING_OPTIMIZERS = ("auto", "adam", "adagrad", "sgd")
+_OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment describes a process group of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_environment(backend: str | None = None) -> DistEnv | None:
+    """Join the torchrun process group; None when this is a single process.
+
+    ``backend`` defaults to nccl with CUDA and gloo without.
+    """
+    if not launched_by_torchrun():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv | None) -> None:
+    if env is not None:
+        dist.barrier()
+
+
+def broadcast_object(obj, env: DistEnv | None, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (JSON-like values: lists, dicts, numbers)."""
+    if env is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def resolve_embedding_optimizer(name: str, env: DistEnv | None) -> str:
+    """``auto``: Adam, except for sharded tables on CPU, where fbgemm has only Adagrad / SGD."""
+    if name not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"unknown embedding optimizer {name!r}; expected one of {EMBEDDING_OPTIMIZERS}")
+    cpu_sharded = env is not None and env.device.type == "cpu"
+    if name == "auto":
+        return "adagrad" if cpu_sharded else "adam"
+    if name == "adam" and cpu_sharded:
+        raise ValueError("fbgemm's CPU kernels have no fused Adam for sharded tables: "
+                         "use --embedding-optimizer adagrad (or auto) on CPU, or run on GPUs")
+    return name
+
+
+def table_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every ``EmbeddingBagCollection`` in ``model`` (the tables)."""
+    return [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+
+
+def optimize_tables_in_backward(model: nn.Module, name: str, lr: float, weight_decay: float) -> None:
+    """Give the tables their own optimizer, stepped in the backward pass (torchrec's way:
+    the sharder turns it into fbgemm's fused update). The trainer's optimizers skip them."""
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    kwargs = {"lr": lr, "weight_decay": weight_decay}
+    apply_optimizer_in_backward(_OPTIMIZER_CLASSES[name], table_parameters(model), kwargs)
+
+
+def in_backward(param: nn.Parameter) -> bool:
+    """True for a parameter updated by an optimizer in the backward pass."""
+    return hasattr(param, "_in_backward_optimizers")
+
+
+def shard(model: nn.Module, env: DistEnv, sharding: str = "table_wise"):
+    """Wrap ``model`` in ``DistributedModelParallel`` (in place: its tables become sharded).
+
+    The tables must already have their in-backward optimizer. The rows every rank holds
+    are then overwritten with ``model``'s own values, so the sharded model starts from
+    exactly the single-process initialisation. Returns ``(dmp, plan_lines)``.
+    """
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
+    from torchrec.distributed.types import ShardingEnv
+
+    if sharding not in SHARDING_TYPES:
+        raise ValueError(f"unknown sharding {sharding!r}; expected one of {SHARDING_TYPES}")
+    if sharding == "row_wise" and env.backend == "gloo":
+        raise ValueError("row-wise sharding needs reduce-scatter, which gloo (CPU) lacks: "
+                         "use --sharding table_wise on CPU, row_wise on GPUs (nccl)")
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tables = {name: m for name, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
+    constraints = {
+        cfg.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"])
+        for ebc in tables.values() for cfg in ebc.embedding_bag_configs()
+    }
+    topology = Topology(world_size=env.world_size, compute_device=env.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = [EmbeddingBagCollectionSharder()]
+    pg = dist.GroupMember.WORLD
+    plan = planner.collective_plan(model, sharders, pg)
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(pg), device=env.device, plan=plan, sharders=sharders,
+    )
+    load_full_state(dmp, init)
+    lines = []
+    for path, params in plan.plan.items():
+        for table, ps in params.items():  # type: ignore[union-attr]
+            lines.append(f"{path}.{table}: {ps.sharding_type} on ranks {ps.ranks} ({ps.compute_kernel})")
+    return dmp, lines
+
+
+def _is_sharded(value) -> bool:
+    return hasattr(value, "local_shards")
+
+
+def load_full_state(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy an unsharded state dict into ``dmp``: each rank writes its own shards."""
+    state = dmp.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            if not _is_sharded(value):
+                state[key] = full[key]
+                continue
+            for shard in value.local_shards():
+                r, c = shard.metadata.shard_offsets
+                h, w = shard.tensor.shape
+                shard.tensor.copy_(full[key][r : r + h, c : c + w])
+    # the shards of a state dict are not always views of the fused kernel's weights:
+    # load_state_dict is what writes them there
+    dmp.load_state_dict(state)
+
+
+def full_state_dict(dmp: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of ``dmp`` on every rank (tables gathered on rank 0, then
+    broadcast; the dense part is the same on every rank already)."""
+    out = {}
+    for key, value in dmp.state_dict().items():
+        if not _is_sharded(value):
+            out[key] = value.detach().clone()
+            continue
+        full = torch.empty(value.size(), dtype=value.dtype)
+        value.gather(dst=0, out=full if env.is_main else None)
+        dist.broadcast(full, src=0)
+        out[key] = full
+    return out
+
+
+def batch_slice(rows: int, env: DistEnv) -> slice:
+    """This rank's share of a global batch of ``rows`` rows: ``rows // world`` rows each
+    (the at most ``world - 1`` rows left over are not used; every rank gets the same size,
+    which the sharded lookup requires)."""
+    local = rows // env.world_size
+    return slice(env.rank * local, (env.rank + 1) * local)
+
+
+def eval_slices(rows: int, env: DistEnv) -> tuple[np.ndarray, int]:
+    """Row indices of this rank's share of an evaluation split, padded (by repeating its
+    last row, or row 0) to the same length on every rank; and how many are real."""
+    parts = np.array_split(np.arange(rows), env.world_size)
+    length = max(1, max(len(p) for p in parts))
+    mine = parts[env.rank]
+    real = len(mine)
+    fill = mine[-1] if real else 0
+    return np.concatenate([mine, np.full(length - real, fill, dtype=np.int64)]), real
+
+
+def gather_predictions(local: torch.Tensor, real: int, rows: int, env: DistEnv) -> np.ndarray:
+    """float64 [rows]: every rank's padded predictions gathered, padding dropped, in split order."""
+    gathered = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(gathered, local)
+    lengths = [len(p) for p in np.array_split(np.arange(rows), env.world_size)]
+    return torch.cat([g[:n] for g, n in zip(gathered, lengths, strict=True)]).double().numpy()
+
+
+def average_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Average every floating-point buffer (BatchNorm statistics) over the ranks."""
+    with torch.no_grad():
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(env.world_size)
+
+
+def all_finite(value: float, env: DistEnv | None) -> float:
+    """The mean of ``value`` over the ranks (NaN when any rank's is NaN or infinite)."""
+    if env is None:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / env.world_size
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a ``DistributedModelParallel`` (itself otherwise)."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    return model.module if isinstance(model, DistributedModelParallel) else model
+
