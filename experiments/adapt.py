@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import io
 import math
@@ -60,6 +59,7 @@ from data.artifacts import (
     read_json,
 )
 from data.batches import SplitArrays
+from experiments.results_csv import cell, number, read_rows, write_rows
 from genlora_rec.adapters import (
     adapter_layers,
     find_target_modules,
@@ -153,32 +153,6 @@ def linear_weights(tower: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # -- results file -----------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows: Sequence[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    return "" if v is None else str(v)
-
-
-def _num(v: str) -> float:
-    return float(v) if v not in ("", None) else float("nan")
-
-
 # -- benchmark --------------------------------------------------------------------------------
 def jobs(methods: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, str, int | None]]:
     out: list[tuple[str, str, int | None]] = []
@@ -319,7 +293,7 @@ def summarize(rows: Sequence[dict[str, str]]) -> list[dict]:
         g = groups.setdefault((r["method"], r["setting"]), {"method": r["method"], "setting": r["setting"],
                                                              "rank": r.get("rank", ""), "vals": {}})
         for k in ("trainable_params", "budget_params", "effective_rank", "test_auc", "test_logloss", "seconds"):
-            g["vals"].setdefault(k, []).append(_num(r.get(k, "")))
+            g["vals"].setdefault(k, []).append(number(r.get(k, "")))
     return list(groups.values())
 
 
@@ -464,10 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(seed=seed, method=method, setting=setting)
         row = run_one(args, data, bases[seed], method, rank, seed)
         row.update(dataset=data.dataset, method=method, setting=setting, seed=seed)
-        rows.append({k: _fmt(row.get(k, "")) for k in COLUMNS})
-        write_rows(csv_path, rows)
+        rows.append({k: cell(row.get(k, "")) for k in COLUMNS})
+        write_rows(csv_path, rows, COLUMNS)
         log(f"seed {seed} {method:8s} {setting:11s} params {row['trainable_params']:>9,}  "
-            f"erank {_fmt(row['effective_rank']) or '-':>7s}  test AUC {row['test_auc']:.5f}  "
+            f"erank {cell(row['effective_rank']) or '-':>7s}  test AUC {row['test_auc']:.5f}  "
             f"logloss {row['test_logloss']:.5f}  {row['seconds']:.1f}s")
         bar.update(1)
     bar.close()
@@ -478,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                         if args.synthetic else str(data.root))
     emb = "fp32 embeddings" if args.embedding == "fp32" else f"MPE {args.mpe_target_ratio:g}x export embeddings"
     title = f"{data.dataset} ({src}), {emb}, tower {args.tower} {args.hidden or 'default'}, time split"
-    write_rows(csv_path, rows)
+    write_rows(csv_path, rows, COLUMNS)
     write_markdown(out / "results.md", rows, f"Adaptation benchmark: {title}")
     plot(out, rows, title)
     log(f"wrote {csv_path}, {out / 'results.md'}, {out / 'auc_vs_params.png'}, {out / 'rank_vs_params.png'}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import io
 import math
@@ -60,6 +59,7 @@ from data.artifacts import (
     sha256_file,
 )
 from data.batches import PreparedDataset
+from experiments.results_csv import cell, number, read_rows, write_rows
 from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
 from genlora_rec.train import add_training_arguments, train_config
@@ -130,32 +130,6 @@ def run_id(method: str, setting: str, seed: int) -> str:
 
 
 # -- results file -------------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows: Sequence[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else repr(float(v))
-    return "" if v is None else str(v)
-
-
-def _num(v: str) -> float:
-    return float(v) if v not in ("", None) else float("nan")
-
-
 # -- one run --------------------------------------------------------------------------------------
 def export_and_measure(embedding: CompressedEmbedding, out_dir: Path) -> dict:
     """Export ``embedding`` to ``out_dir``; check the payload files on disk hold ``num_bytes()``.
@@ -328,7 +302,7 @@ def summarize(rows: Sequence[dict[str, str]]) -> list[dict]:
         g = groups.setdefault((r["method"], r["setting"]), {"method": r["method"], "setting": r["setting"],
                                                              "kind": r.get("kind", ""), "vals": {}})
         for k in ("bytes", "fp32_bytes", "test_auc", "test_logloss", "val_auc", "seconds"):
-            g["vals"].setdefault(k, []).append(_num(r.get(k, "")))
+            g["vals"].setdefault(k, []).append(number(r.get(k, "")))
     points = []
     for g in groups.values():
         v = {k: np.asarray(x, dtype=float) for k, x in g["vals"].items()}
@@ -515,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"{method.name} {setting} seed {seed}: {type(e).__name__}: {e}")
             log(f"[{i}/{len(pending)}] FAILED: {failed[-1]}")
             continue
-        rows.append({k: _fmt(row.get(k, "")) for k in COLUMNS})
-        write_rows(csv_path, rows)
+        rows.append({k: cell(row.get(k, "")) for k in COLUMNS})
+        write_rows(csv_path, rows, COLUMNS)
         log(f"[{i}/{len(pending)}] seed {seed} {method.name} {setting}: {row['bytes']:,} B ({row['ratio']:.1f}x)  "
             f"test AUC {row['test_auc']:.5f}  logloss {row['test_logloss']:.5f}  val AUC {row['val_auc']:.5f}  "
             f"{row['seconds']:.1f}s")

@@ -37,8 +37,6 @@ Not a test: figures depend on the machine (here: a shared 2-core box, no GPU).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -178,17 +176,6 @@ def markdown(ex: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    from data.artifacts import atomic_write_bytes
-
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data.artifacts import atomic_write_bytes, atomic_write_json
+    from experiments.results_csv import write_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     atomic_write_json(out / "bench_scale.json", {"rows": rows, "extrapolation": ex, "machine": machine,
                                                  "config": vars(args)})
-    _write_csv(out / "bench_scale.csv", rows)
+    write_rows(out / "bench_scale.csv", rows, list(dict.fromkeys(k for r in rows for k in r)))
     print(f"-> {out / 'bench_scale.json'}")
     return 0
 

@@ -44,7 +44,6 @@ development machine is a shared, loaded 2-core box (run with ``OMP_NUM_THREADS=1
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -312,17 +311,6 @@ def measure_memory(kind: str, out: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from data.artifacts import atomic_write_json
     from data.batches import to_kjt
+    from experiments.results_csv import write_rows
 
     names = [n for n in args.contenders.split(",") if n]
     kinds = [k for k in args.memory.split(",") if k]
@@ -420,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(args).items() if k != "child_load"},
         "seconds_total": time.perf_counter() - t0,
     })
-    _csv(out / "bench_serving.csv", serving)
-    _csv(out / "bench_serving_memory.csv", memory)
+    for name, rows in (("bench_serving.csv", serving), ("bench_serving_memory.csv", memory)):
+        if rows:
+            write_rows(out / name, rows, list(rows[0]))
     print(f"-> {out / 'bench_serving.json'} ({time.perf_counter() - t0:.1f}s)")
     return 0
 

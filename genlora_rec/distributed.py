@@ -201,10 +201,10 @@ def full_state_dict(dmp: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
         if not _is_sharded(value):
             out[key] = value.detach().clone()
             continue
-        full = torch.empty(value.size(), dtype=value.dtype)
+        full = torch.empty(value.size(), dtype=value.dtype, device=env.device)
         value.gather(dst=0, out=full if env.is_main else None)
         dist.broadcast(full, src=0)
-        out[key] = full
+        out[key] = full.cpu()
     return out
 
 
@@ -229,10 +229,11 @@ def eval_slices(rows: int, env: DistEnv) -> tuple[np.ndarray, int]:
 
 def gather_predictions(local: torch.Tensor, real: int, rows: int, env: DistEnv) -> np.ndarray:
     """float64 [rows]: every rank's padded predictions gathered, padding dropped, in split order."""
+    local = local.to(env.device)
     gathered = [torch.empty_like(local) for _ in range(env.world_size)]
     dist.all_gather(gathered, local)
     lengths = [len(p) for p in np.array_split(np.arange(rows), env.world_size)]
-    return torch.cat([g[:n] for g, n in zip(gathered, lengths, strict=True)]).double().numpy()
+    return torch.cat([g[:n] for g, n in zip(gathered, lengths, strict=True)]).double().cpu().numpy()
 
 
 def average_buffers(module: nn.Module, env: DistEnv) -> None:
@@ -248,7 +249,7 @@ def all_finite(value: float, env: DistEnv | None) -> float:
     """The mean of ``value`` over the ranks (NaN when any rank's is NaN or infinite)."""
     if env is None:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t) / env.world_size
 

@@ -94,12 +94,18 @@ class FitResult:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: SplitArrays, fields: Sequence[str], batch_size: int = 16384) -> np.ndarray:
-    """Click probabilities float64 [N] for every row of ``split`` (model in eval mode)."""
+def predict(
+    model: nn.Module, split: SplitArrays, fields: Sequence[str], batch_size: int = 16384,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Click probabilities float64 [N] for every row of ``split`` (model in eval mode).
+
+    ``device``: where the batches go (a sharded model's device); default where they are built.
+    """
     was_training = model.training
     model.eval()
     out = [
-        torch.sigmoid(model(kjt)).double().numpy()
+        torch.sigmoid(model(kjt if device is None else kjt.to(device))).double().cpu().numpy()
         for kjt, _ in iter_batches(split, fields, batch_size)
     ]
     model.train(was_training)
@@ -330,7 +336,8 @@ class Trainer:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 distributed.average_buffers(m, self.dist)
         index, real = distributed.eval_slices(len(split), self.dist)
-        local = torch.from_numpy(predict(self.model, split.subset(index), fields, self.config.eval_batch_size))
+        local = torch.from_numpy(predict(self.model, split.subset(index), fields, self.config.eval_batch_size,
+                                         device=self.dist.device))
         probs = distributed.gather_predictions(local, real, len(split), self.dist)
         return metrics(split.labels, probs)
 
@@ -345,6 +352,8 @@ class Trainer:
     def _step(self, kjt, labels: torch.Tensor, step: int) -> float:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if self.dist is not None and self.dist.device.type != "cpu":
+            kjt, labels = kjt.to(self.dist.device), labels.to(self.dist.device)
         logits = self.model(kjt)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
         extra = getattr(distributed.unwrap(self.model), "extra_loss", None)

@@ -118,7 +118,7 @@ def test_resume_skips_done_rows(bench) -> None:
     assert csv_path.read_text() == before
     assert {p.name: p.stat().st_mtime_ns for p in (out / "reports").iterdir()} == reports
     # an interrupted benchmark (the fp32 row lost): only that run is redone, from the saved fp32 model
-    auc_vs_size.write_rows(csv_path, [r for r in rows if r["method"] != "fp32"])
+    auc_vs_size.write_rows(csv_path, [r for r in rows if r["method"] != "fp32"], auc_vs_size.COLUMNS)
     assert auc_vs_size.main(argv) == 0
     again = _rows(csv_path)
     assert [r["method"] for r in again] == ["hash", "ptq", "mpe", "fp32"]
