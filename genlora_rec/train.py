@@ -52,19 +52,8 @@ def add_training_arguments(
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        patience=args.patience,
-        evals_per_epoch=args.evals_per_epoch,
-        seed=args.seed,
-        progress=not args.no_progress,
-        embedding_optimizer=args.embedding_optimizer,
-        embedding_lr=args.embedding_lr,
-        sharding=args.sharding,
-    )
+    """The ``TrainConfig`` of the options ``add_training_arguments`` defines."""
+    return TrainConfig.from_attributes(args, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:

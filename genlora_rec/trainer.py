@@ -73,6 +73,15 @@ class TrainConfig:
     embedding_weight_decay: float | None = None
     sharding: str = "table_wise"
 
+    @classmethod
+    def from_attributes(cls, source: object, **overrides) -> TrainConfig:
+        """The settings ``source`` (an argparse namespace, an ``MPEConfig``) has under the
+        same names, then ``overrides``."""
+        from dataclasses import fields
+
+        values = {f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)}
+        return cls(**{**values, **overrides})
+
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters an ordinary optimizer should step: trainable, not updated in the backward pass."""

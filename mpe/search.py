@@ -145,19 +145,9 @@ def mpe_optimizers(cfg: MPEConfig):
 
 
 def train_config(cfg: MPEConfig, epochs: int | None = None) -> TrainConfig:
-    return TrainConfig(
-        epochs=cfg.epochs if epochs is None else epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        patience=cfg.patience,
-        evals_per_epoch=cfg.evals_per_epoch,
-        seed=cfg.seed,
-        progress=cfg.progress,
-        embedding_optimizer=cfg.embedding_optimizer,
-        embedding_lr=cfg.embedding_lr,
-        embedding_weight_decay=cfg.l2(),
-        sharding=cfg.sharding,
-    )
+    """The trainer's settings of an MPE stage; L2 goes to the rows and tower only (``mpe_optimizers``)."""
+    extra = {} if epochs is None else {"epochs": epochs}
+    return TrainConfig.from_attributes(cfg, weight_decay=0.0, embedding_weight_decay=cfg.l2(), **extra)
 
 
 def search(
