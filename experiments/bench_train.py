@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--tower", default="dnn")
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help="tower hidden sizes (default per tower)")
     p.add_argument("--out", default="runs/bench_train")
     args = p.parse_args(argv)
     schema = get_schema(args.dataset)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def model_of(embedding) -> CTRModel:
         torch.manual_seed(0)
-        return CTRModel(embedding, build_tower(args.tower, len(fields), args.dim))
+        return CTRModel(embedding, build_tower(args.tower, len(fields), args.dim, tuple(args.hidden) if args.hidden else None))
 
     results = {}
     torch.manual_seed(0)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.optim.Adam([q for q in model.parameters() if id(q) not in quant], lr=1e-3)]
         results[name] = time_steps(model, opts, batches)
     print(f"one training step, batch {args.batch_size}, {len(fields)} fields x {args.rows_per_field:,} rows, "
-          f"tower {args.tower}, {torch.get_num_threads()} threads")
+          f"tower {args.tower} {args.hidden or 'default'}, {torch.get_num_threads()} threads")
     for name, sec in results.items():
         print(f"  {name:<16} {sec * 1e3:8.1f} ms   {sec / results['fp32']:.2f}x fp32")
     out = Path(args.out)

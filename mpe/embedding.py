@@ -158,18 +158,24 @@ class MixedPrecisionEmbedding(nn.Module):
         rows = field_rows(self.ebc(kjt), self.fields, self.dim)
         if self.phase == "fp32":
             return rows
-        groups = self.group_of_row[self.global_ids(kjt)].reshape(-1)
-        flat = rows.reshape(-1, self.dim)
-        # index_select, not [groups]: the backward of advanced indexing accumulates with
-        # parallel index_put_ on CPU, whose summation order varies between runs (a resumed run
-        # could then not reproduce an uninterrupted one); index_select's backward is deterministic
+        # A batch looks its frequent rows up many times: quantize each distinct row once (the
+        # quantization is a function of the row alone), then spread the results back out.
+        # index_select, not [idx]: the backward of advanced indexing accumulates with parallel
+        # index_put_ on CPU, whose summation order varies between runs (a resumed run could
+        # then not reproduce an uninterrupted one); index_select's backward is deterministic.
+        ids = self.global_ids(kjt).reshape(-1)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        first = torch.full(unique.shape, ids.numel(), dtype=torch.int64, device=ids.device).scatter_reduce_(
+            0, inverse, torch.arange(ids.numel(), device=ids.device), reduce="amin")
+        flat = rows.reshape(-1, self.dim).index_select(0, first)
+        groups = self.group_of_row.index_select(0, unique)
         if self.phase == "fixed":
-            out = self.quantizer.quantize_per_row(flat, self.fixed_index[groups])
+            out = self.quantizer.quantize_per_row(flat, self.fixed_index.index_select(0, groups))
         elif self.mode == "expected":
             out = self.quantizer.mix_expected(flat, self.probabilities().index_select(0, groups))
         else:
             out = self.quantizer.mix_sampled(flat, (self.logits / self.tau).index_select(0, groups), tau=1.0)
-        return out.view_as(rows)
+        return out.index_select(0, inverse).view_as(rows)
 
     def expected_bits(self) -> torch.Tensor:
         """float [G]: E_p[bits] of every group."""
