@@ -49,6 +49,7 @@ from torchrec import KeyedJaggedTensor
 from baselines.base import CompressedEmbedding, read_tables
 from baselines.registry import Method, MethodInputs
 from genlora_rec.model import DEFAULT_INIT_STD
+from genlora_rec.trainer import trainable_parameters
 from mpe.bitwidths import bucket_code_bytes, code_range, npy_file_bytes
 from mpe.packing import pack_codes, unpack_codes
 
@@ -299,7 +300,7 @@ def build(inputs: MethodInputs, setting: str) -> ALPTEmbedding:
 def optimizers(model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
     """``ALPTOptimizer`` for the embedding, Adam for the tower."""
     emb: ALPTEmbedding = model.embedding
-    rest = [p for p in model.parameters() if p.requires_grad and p is not emb.step]
+    rest = [p for p in trainable_parameters(model) if p is not emb.step]
     return [ALPTOptimizer(emb, lr=lr), torch.optim.Adam(rest, lr=lr)]
 
 

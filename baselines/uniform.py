@@ -28,6 +28,7 @@ from torchrec import KeyedJaggedTensor
 from baselines.base import CompressedEmbedding
 from baselines.registry import Method, MethodInputs
 from genlora_rec.model import DEFAULT_INIT_STD
+from genlora_rec.trainer import trainable_parameters
 from mpe.bitwidths import ID_MAP_FILE, OFFSET_FILE, STEPS_FILE, bucket_file, packed_table_bytes
 from mpe.embedding import MixedPrecisionEmbedding
 from mpe.export import bucket_codes, write_packed_export
@@ -117,7 +118,7 @@ def optimizers(model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
     on either: the registry's factory gets no weight-decay setting), as ``mpe.search``."""
     quant = list(model.embedding.quantizer.parameters())
     quant_ids = {id(p) for p in quant}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
+    rest = [p for p in trainable_parameters(model) if id(p) not in quant_ids]
     return [torch.optim.Adam(quant, lr=lr), torch.optim.Adam(rest, lr=lr)]
 
 
