@@ -13,6 +13,7 @@ per block): about 2.1 bytes per row in memory (fp32 rows take 4 x dim), nothing 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -37,26 +38,21 @@ from mpe.quantizer import _dequant
 LOCATOR_BLOCK = 256  # rows per block of the in-memory locator (the in-block rank fits a byte)
 
 
-# byte -> its 8 // b unsigned b-bit fields, lowest bits first, for b in 1, 2, 4, 8
-_BYTE_FIELDS = {
-    b: ((np.arange(256, dtype=np.uint16)[:, None] >> (np.arange(8 // b, dtype=np.uint16) * b)) & ((1 << b) - 1))
-    .astype(np.uint8)
-    for b in (1, 2, 4, 8)
-}
-
-
 def _gather_unsigned(buf: np.ndarray, rows: np.ndarray, dim: int, bits: int) -> np.ndarray:
     """uint8 [n, dim] offset-binary codes of ``rows`` from a packed bucket ``buf`` (padded by one byte)."""
     n = len(rows)
-    if (dim * bits) % 8 == 0:  # rows start on byte boundaries: gather whole rows
+    group = bits // math.gcd(bits, 8)  # bytes that hold a whole number of codes (<= 7)
+    per_group = 8 // math.gcd(bits, 8)  # codes in them
+    if (dim * bits) % 8 == 0 and dim % per_group == 0:
+        # rows start on byte boundaries: gather whole rows, read each group of bytes as one
+        # little-endian integer and cut it into its codes
         width = dim * bits // 8
         row_bytes = buf[: (buf.size - 1) // width * width].reshape(-1, width)[rows]
-        if bits in _BYTE_FIELDS:  # whole codes per byte: one table lookup per byte
-            return _BYTE_FIELDS[bits][row_bytes].reshape(n, dim)
-        u = np.unpackbits(row_bytes, axis=1, bitorder="little").reshape(n, dim, bits)
-        padded = np.zeros((n, dim, 8), dtype=np.uint8)
-        padded[:, :, :bits] = u
-        return np.packbits(padded, axis=2, bitorder="little").reshape(n, dim)
+        grp = row_bytes.reshape(n, dim // per_group, group).astype(np.uint64)
+        value = np.bitwise_or.reduce(grp << (np.uint64(8) * np.arange(group, dtype=np.uint64)), axis=2)
+        codes = (value[:, :, None] >> (np.uint64(bits) * np.arange(per_group, dtype=np.uint64))) & np.uint64(
+            (1 << bits) - 1)
+        return codes.reshape(n, dim).astype(np.uint8)
     pos = (rows[:, None] * dim + np.arange(dim, dtype=np.int64)) * bits
     byte, shift = pos >> 3, (pos & 7).astype(np.uint16)
     word = buf[byte].astype(np.uint16) | (buf[byte + 1].astype(np.uint16) << np.uint16(8))
@@ -148,6 +144,8 @@ class PackedEmbedding:
         ids = ids_t.detach().cpu().numpy().astype(np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_rows):
             raise IndexError(f"ids must lie in 0..{self.num_rows - 1}")
+        # CTR traffic repeats its frequent ids: decode each distinct id once
+        ids, inverse = np.unique(ids, return_inverse=True)
         bucket = self._bucket_of[ids]
         rank = self._block_base[ids // LOCATOR_BLOCK, bucket].astype(np.int64) + self._in_block[ids]
         out = np.zeros((ids.size, self.dim), dtype=np.float32)
@@ -160,7 +158,7 @@ class PackedEmbedding:
                 continue
             u = _gather_unsigned(buf, rank[sel], self.dim, self.candidates[i])
             out[sel] = self._scaled[i][u] + self._offset_np  # == code * step + offset (_dequant)
-        return torch.from_numpy(out).view(*ids_t.shape, self.dim)
+        return torch.from_numpy(out)[torch.from_numpy(inverse.reshape(-1))].view(*ids_t.shape, self.dim)
 
     __call__ = lookup
 
