@@ -3,7 +3,7 @@
 ``load_packed_export(dir)`` checks the header (format, schema version, its own checksum),
 confines every file name to the directory, and verifies the size and sha256 of every file
 before reading it; any problem raises ``ArtifactError`` naming the file. Lookups decode only
-the requested rows: each code is read from (at most) two bytes at its bit position.
+the requested rows (each distinct id once): a row's bytes are gathered and cut into codes.
 
 To find a row without searching the id map at every lookup, loading builds a small
 locator: the bucket of every row (1 byte), its rank among its bucket's rows within its
