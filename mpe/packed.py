@@ -3,7 +3,9 @@
 ``load_packed_export(dir)`` checks the header (format, schema version, its own checksum),
 confines every file name to the directory, and verifies the size and sha256 of every file
 before reading it; any problem raises ``ArtifactError`` naming the file. Lookups decode only
-the requested rows (each distinct id once): a row's bytes are gathered and cut into codes.
+the requested rows: a small C loop (``packed_decode.c``, compiled on first use by
+``mpe/native.py``) reads each row's codes from its bytes; where no C compiler is available
+the same values come from numpy (each distinct id once, whole rows gathered and cut into codes).
 
 To find a row without searching the id map at every lookup, loading builds a small
 locator: the bucket of every row (1 byte), its rank among its bucket's rows within its
@@ -13,6 +15,7 @@ per block): about 2.1 bytes per row in memory (fp32 rows take 4 x dim), nothing 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from pathlib import Path
@@ -99,6 +102,7 @@ class PackedEmbedding:
             for i, b in enumerate(self.candidates) if i in self._buckets
         }
         self._offset_np = self.offset.numpy()
+        self._native = _NativeTables(self)
 
     def _build_locator(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(uint8 [N] bucket, uint8 [N] rank within its block, int32 [blocks, |B|] count before)."""
@@ -141,9 +145,17 @@ class PackedEmbedding:
         are found through the locator, then every bucket's codes are gathered at once.
         """
         ids_t = torch.as_tensor(global_ids)
-        ids = ids_t.detach().cpu().numpy().astype(np.int64).reshape(-1)
+        ids = np.ascontiguousarray(ids_t.detach().cpu().numpy().astype(np.int64, copy=False).reshape(-1))
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_rows):
             raise IndexError(f"ids must lie in 0..{self.num_rows - 1}")
+        if self._native.decode is not None:
+            return torch.from_numpy(self._native(ids)).view(*ids_t.shape, self.dim)
+        return torch.from_numpy(self._decode_numpy(ids)).view(*ids_t.shape, self.dim)
+
+    __call__ = lookup
+
+    def _decode_numpy(self, ids: np.ndarray) -> np.ndarray:
+        """float32 [n, D] rows of valid ``ids`` in numpy (the reference the C decoder matches)."""
         # CTR traffic repeats its frequent ids: decode each distinct id once
         ids, inverse = np.unique(ids, return_inverse=True)
         bucket = self._bucket_of[ids]
@@ -158,9 +170,7 @@ class PackedEmbedding:
                 continue
             u = _gather_unsigned(buf, rank[sel], self.dim, self.candidates[i])
             out[sel] = self._scaled[i][u] + self._offset_np  # == code * step + offset (_dequant)
-        return torch.from_numpy(out)[torch.from_numpy(inverse.reshape(-1))].view(*ids_t.shape, self.dim)
-
-    __call__ = lookup
+        return out[inverse.reshape(-1)]
 
     def bucket_rows(self) -> dict[int, int]:
         """Bit value -> number of rows stored at it (pruned rows under 0)."""
@@ -188,6 +198,31 @@ class PackedEmbedding:
     def to_dense(self) -> Tensor:
         """float32 [N, D]: every row decoded (for tests and small tables)."""
         return self.lookup(torch.arange(self.num_rows))
+
+
+class _NativeTables:
+    """The arguments of the compiled decoder (``mpe/native.py``), kept alive with the table."""
+
+    def __init__(self, table: PackedEmbedding):
+        from mpe.native import row_decoder
+
+        self.decode = row_decoder()
+        self.table = table
+        k = len(table.candidates)
+        self.bufs = (ctypes.c_void_p * k)(*[table._buckets[i].ctypes.data if i in table._buckets else None
+                                            for i in range(k)])
+        self.luts = {i: np.ascontiguousarray(v, dtype=np.float32) for i, v in table._scaled.items()}
+        self.scaled = (ctypes.c_void_p * k)(*[self.luts[i].ctypes.data if i in self.luts else None for i in range(k)])
+        self.bits = np.asarray(table.candidates, dtype=np.int32)
+        self.offset = np.ascontiguousarray(table._offset_np, dtype=np.float32)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        t = self.table
+        out = np.empty((ids.size, t.dim), dtype=np.float32)
+        self.decode(ids.ctypes.data, ids.size, t._bucket_of.ctypes.data, t._in_block.ctypes.data,
+                    t._block_base.ctypes.data, LOCATOR_BLOCK, len(t.candidates), self.bufs, self.bits.ctypes.data,
+                    self.scaled, self.offset.ctypes.data, t.dim, out.ctypes.data)
+        return out
 
 
 def _fail(path: Path, why: str) -> ArtifactError:

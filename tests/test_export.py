@@ -233,3 +233,33 @@ def test_torchrec_export_close_to_packed(tmp_path):
         assert torch.all((got[rows] - r).abs() <= tol), b
         if k == 8:
             assert (got[rows] - r).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dim", [7, 16])
+def test_compiled_and_numpy_decoders_agree_bit_for_bit(tmp_path, dim):
+    from mpe.native import build_error, row_decoder
+
+    if row_decoder() is None:
+        pytest.skip(f"no compiled decoder here: {build_error()}")
+    w, q, bits = table(seed=3, dim=dim, p=[0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    write_packed_export(tmp_path / "e", w, bits, q, FIELDS, OFFSETS)
+    packed = load_packed_export(tmp_path / "e")
+    assert packed._native.decode is not None
+    expected = q.quantize_per_row(w, indices(bits)).detach()
+    ids = np.random.default_rng(2).integers(0, N, 5000)
+    native = packed._native(ids)
+    assert np.array_equal(native, packed._decode_numpy(ids))
+    assert torch.equal(torch.from_numpy(native), expected[torch.from_numpy(ids)])
+    assert torch.equal(packed.to_dense(), expected)
+
+
+def test_numpy_decoder_is_the_fallback(tmp_path, monkeypatch):
+    import mpe.native
+
+    monkeypatch.setattr(mpe.native, "_state", {})
+    monkeypatch.setenv("MPE_NATIVE", "0")
+    w, q, bits = table(seed=4)
+    write_packed_export(tmp_path / "e", w, bits, q, FIELDS, OFFSETS)
+    packed = load_packed_export(tmp_path / "e")
+    assert packed._native.decode is None and "MPE_NATIVE=0" in mpe.native.build_error()
+    assert torch.equal(packed.to_dense(), q.quantize_per_row(w, indices(bits)).detach())
