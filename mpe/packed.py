@@ -201,27 +201,31 @@ class PackedEmbedding:
 
 
 class _NativeTables:
-    """The arguments of the compiled decoder (``mpe/native.py``), kept alive with the table."""
+    """Calls the compiled decoder (``mpe/native.py``) on a table's arrays. Holds no ctypes
+    state (pointers are taken at each call), so a model holding it deep-copies."""
 
     def __init__(self, table: PackedEmbedding):
-        from mpe.native import row_decoder
-
-        self.decode = row_decoder()
         self.table = table
         k = len(table.candidates)
-        self.bufs = (ctypes.c_void_p * k)(*[table._buckets[i].ctypes.data if i in table._buckets else None
-                                            for i in range(k)])
-        self.luts = {i: np.ascontiguousarray(v, dtype=np.float32) for i, v in table._scaled.items()}
-        self.scaled = (ctypes.c_void_p * k)(*[self.luts[i].ctypes.data if i in self.luts else None for i in range(k)])
+        self.luts = [np.ascontiguousarray(table._scaled[i], dtype=np.float32) if i in table._scaled else None
+                     for i in range(k)]
         self.bits = np.asarray(table.candidates, dtype=np.int32)
         self.offset = np.ascontiguousarray(table._offset_np, dtype=np.float32)
 
+    @property
+    def decode(self):
+        from mpe.native import row_decoder
+
+        return row_decoder()
+
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        t = self.table
+        t, k = self.table, len(self.table.candidates)
+        bufs = (ctypes.c_void_p * k)(*[t._buckets[i].ctypes.data if i in t._buckets else None for i in range(k)])
+        luts = (ctypes.c_void_p * k)(*[lut.ctypes.data if lut is not None else None for lut in self.luts])
         out = np.empty((ids.size, t.dim), dtype=np.float32)
         self.decode(ids.ctypes.data, ids.size, t._bucket_of.ctypes.data, t._in_block.ctypes.data,
-                    t._block_base.ctypes.data, LOCATOR_BLOCK, len(t.candidates), self.bufs, self.bits.ctypes.data,
-                    self.scaled, self.offset.ctypes.data, t.dim, out.ctypes.data)
+                    t._block_base.ctypes.data, LOCATOR_BLOCK, k, bufs, self.bits.ctypes.data, luts,
+                    self.offset.ctypes.data, t.dim, out.ctypes.data)
         return out
 
 

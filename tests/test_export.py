@@ -263,3 +263,13 @@ def test_numpy_decoder_is_the_fallback(tmp_path, monkeypatch):
     packed = load_packed_export(tmp_path / "e")
     assert packed._native.decode is None and "MPE_NATIVE=0" in mpe.native.build_error()
     assert torch.equal(packed.to_dense(), q.quantize_per_row(w, indices(bits)).detach())
+
+
+def test_packed_table_deep_copies_and_the_copy_serves(exported):
+    import copy
+
+    out, _, w, q, bits = exported
+    packed = load_packed_export(out)
+    twin = copy.deepcopy(packed)
+    ids = torch.from_numpy(np.random.default_rng(5).integers(0, N, 300))
+    assert torch.equal(twin.lookup(ids), packed.lookup(ids))
