@@ -85,6 +85,43 @@ class _LSQPlus(torch.autograd.Function):
         return dw, da, dbeta, None, None, None, None
 
 
+class _MixedLSQPlus(torch.autograd.Function):
+    """out = sum_j probs[:, j] * q_j(w) over candidates j (steps[j], bounds low/high[j]) in one
+    function: the gradients of ``_LSQPlus`` for every candidate, plus d/dprobs, without
+    autograd keeping |B| sets of intermediates (the backward recomputes them).
+
+    Shapes: w [n, D]; steps, low, high, gscale [J]; beta [D]; probs [n, J].
+    """
+
+    @staticmethod
+    def forward(ctx, w, steps, beta, probs, low, high, gscale):  # type: ignore[override]
+        d = w - beta
+        out = torch.zeros_like(w)
+        for j in range(steps.numel()):
+            code = torch.clamp(torch.round(d / steps[j]), low[j], high[j])
+            out.add_(_dequant(code, steps[j], beta) * probs[:, j : j + 1])
+        ctx.save_for_backward(d, steps, beta, probs, low, high, gscale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        d, steps, beta, probs, low, high, gscale = ctx.saved_tensors
+        dw, dbeta = torch.zeros_like(d), torch.zeros_like(beta)
+        dsteps, dprobs = torch.zeros_like(steps), torch.empty_like(probs)
+        for j in range(steps.numel()):
+            x = d / steps[j]
+            r = torch.round(x)
+            code = torch.clamp(r, low[j], high[j])
+            dprobs[:, j] = (dy * _dequant(code, steps[j], beta)).sum(1)
+            dq = dy * probs[:, j : j + 1]
+            inside = (x >= low[j]) & (x <= high[j])
+            dw += dq * inside
+            slope = torch.where(inside, r - x, code)  # outside: the clamped bound
+            dsteps[j] = (slope * dq).sum() * gscale[j]
+            dbeta += (dq * ~inside).sum(0) * gscale[j]
+        return dw, dsteps, dbeta, dprobs, None, None, None
+
+
 def gumbel_like(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Standard Gumbel noise with the shape of ``logits``."""
     u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
@@ -189,12 +226,13 @@ class LSQQuantizer(nn.Module):
         self._check(w)
         if probs.shape != (w.shape[0], self.num_candidates):
             raise ValueError(f"probs has shape {tuple(probs.shape)}, expected ({w.shape[0]}, {self.num_candidates})")
-        out = torch.zeros_like(w)
-        for i, b in enumerate(self.candidates):
-            if b == 0:
-                continue
-            out = out + self.quantize(w, i) * probs[:, i : i + 1]
-        return out
+        used = [i for i, b in enumerate(self.candidates) if b > 0]
+        if not used:
+            return torch.zeros_like(w) + 0 * probs.sum()
+        idx = torch.tensor(used, device=w.device)
+        return _MixedLSQPlus.apply(w, self.steps().index_select(0, idx), self.beta, probs.index_select(1, idx),
+                                   self.low.index_select(0, idx), self.high.index_select(0, idx),
+                                   self.grad_scale.index_select(0, idx))
 
     def mix_sampled(
         self,

@@ -124,6 +124,28 @@ def test_mix_expected_is_weighted_sum():
     assert torch.equal(q.mix_expected(w, one_hot), q.quantize(w, 3))
 
 
+def test_mix_expected_gradients_match_the_per_candidate_autograd_sum():
+    """The fused expected-mode function gives the gradients autograd gives the plain sum."""
+    grads = []
+    for fused in (True, False):
+        q, w, _ = make(n=80)
+        with torch.no_grad():
+            q.beta.copy_(torch.linspace(-0.002, 0.002, q.dim))
+            w.mul_(3)  # some values beyond the clamp range of the small bit-widths
+        w = w.detach().requires_grad_()
+        probs = torch.softmax(torch.randn(80, len(CANDS), generator=torch.Generator().manual_seed(7)), 1)
+        probs.requires_grad_()
+        if fused:
+            out = q.mix_expected(w, probs)
+        else:
+            out = sum(q.quantize(w, i) * probs[:, i : i + 1] for i, b in enumerate(CANDS) if b > 0)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+        (out * g).sum().backward()
+        grads.append([w.grad, probs.grad, q.alpha.grad, q.beta.grad])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()
+
+
 @pytest.mark.parametrize("estimator", ["score", "st"])
 def test_mix_sampled_forward_and_logit_gradients(estimator):
     q, w, _ = make(n=300)
