@@ -16,11 +16,11 @@ The backend is nccl when CUDA is available (one GPU per process, ``LOCAL_RANK``)
 on CPU. fbgemm's CPU kernels have no fused Adam: on CPU the sharded tables are trained
 with Adagrad (``resolve_embedding_optimizer``), on GPU with Adam as in one process.
 
-Every rank takes its own ``1/world`` slice of each global batch (``batch_slice``), so a
-step sees ``--batch-size`` examples in all. Evaluation is sharded the same way and the
+Every rank takes its own ``1/world`` slice of each global batch (``data.batches.iter_batches``
+with ``rank_of``), so a step sees ``--batch-size`` examples in all. Evaluation is sharded the same way and the
 predictions are gathered on every rank, so every rank computes the same AUC and takes
 the same early-stopping decision. BatchNorm statistics are per rank under DDP; they are
-averaged over the ranks before every evaluation (``average_buffers``).
+averaged over the ranks before every evaluation (``average_batchnorm_stats``).
 """
 
 from __future__ import annotations
@@ -88,13 +88,15 @@ def barrier(env: DistEnv | None) -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, env: DistEnv | None, src: int = 0):
-    """``obj`` of rank ``src`` on every rank (JSON-like values: lists, dicts, numbers)."""
-    if env is None:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+def refuse_resume(resume: bool, env: DistEnv | None) -> None:
+    """``ValueError`` for ``--resume`` in a multi-process run (checkpoints are single-process)."""
+    if resume and env is not None:
+        raise ValueError("--resume is single-process only: a multi-process run restarts from the beginning")
+
+
+def describe_plan(lines: list[str], env: DistEnv) -> str:
+    """The one line a CLI prints about the planner's choice (``shard``'s ``plan_lines``)."""
+    return f"sharding plan ({env.world_size} processes, {env.backend}): " + "; ".join(lines)
 
 
 def resolve_embedding_optimizer(name: str, env: DistEnv | None) -> str:
@@ -208,14 +210,6 @@ def full_state_dict(dmp: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
     return out
 
 
-def batch_slice(rows: int, env: DistEnv) -> slice:
-    """This rank's share of a global batch of ``rows`` rows: ``rows // world`` rows each
-    (the at most ``world - 1`` rows left over are not used; every rank gets the same size,
-    which the sharded lookup requires)."""
-    local = rows // env.world_size
-    return slice(env.rank * local, (env.rank + 1) * local)
-
-
 def eval_slices(rows: int, env: DistEnv) -> tuple[np.ndarray, int]:
     """Row indices of this rank's share of an evaluation split, padded (by repeating its
     last row, or row 0) to the same length on every rank; and how many are real."""
@@ -236,13 +230,16 @@ def gather_predictions(local: torch.Tensor, real: int, rows: int, env: DistEnv) 
     return torch.cat([g[:n] for g, n in zip(gathered, lengths, strict=True)]).double().cpu().numpy()
 
 
-def average_buffers(module: nn.Module, env: DistEnv) -> None:
-    """Average every floating-point buffer (BatchNorm statistics) over the ranks."""
+def average_batchnorm_stats(model: nn.Module, env: DistEnv) -> None:
+    """Average the BatchNorm statistics of ``model`` over the ranks (only those: other
+    buffers are the same on every rank or, in the sharded tables, different by design)."""
     with torch.no_grad():
-        for buf in module.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf.div_(env.world_size)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for buf in m.buffers():
+                    if buf.is_floating_point():
+                        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                        buf.div_(env.world_size)
 
 
 def all_finite(value: float, env: DistEnv | None) -> float:

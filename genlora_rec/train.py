@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace, dist: distributed.DistEnv | None) -> int:
     try:
         trainer = Trainer(model, train_config(args), out_dir=out, dist=dist)
         if trainer.plan and main_rank:
-            print("sharding plan: " + "; ".join(trainer.plan))
+            print(distributed.describe_plan(trainer.plan, dist), flush=True)
         fit = trainer.fit(data.split("train"), data.split("val"), data.fields, resume=args.resume)
     except (ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -253,8 +253,7 @@ class Trainer:
     ) -> FitResult:
         """Train with early stopping on validation AUC; the model ends with the best weights."""
         cfg = self.config
-        if resume and self.dist is not None:
-            raise ValueError("--resume is single-process only: a multi-process run restarts from the beginning")
+        distributed.refuse_resume(resume, self.dist)
         n_batches = num_batches(len(train), cfg.batch_size)
         if self.dist is not None and len(train) - (n_batches - 1) * cfg.batch_size < self.dist.world_size:
             n_batches -= 1  # too few rows left to give every rank one (iter_batches drops it)
@@ -279,10 +278,10 @@ class Trainer:
         t0 = time.perf_counter()
         step_time, timed_steps = 0.0, 0
         self.model.train()
+        rank_of = (self.dist.rank, self.dist.world_size) if self.dist else None
+        quiet = not cfg.progress or (self.dist is not None and not self.dist.is_main)
         for epoch in range(start_epoch, cfg.epochs):
-            rank_of = (self.dist.rank, self.dist.world_size) if self.dist else None
             batches = iter_batches(train, fields, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, rank_of=rank_of)
-            quiet = not cfg.progress or (self.dist is not None and not self.dist.is_main)
             bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False)
             for b, (kjt, labels) in enumerate(batches):
                 if epoch == start_epoch and b < start_batch:
@@ -341,9 +340,7 @@ class Trainer:
     def _evaluate(self, split: SplitArrays, fields: Sequence[str]) -> dict[str, float]:
         if self.dist is None:
             return evaluate(self.model, split, fields, self.config.eval_batch_size)
-        for m in distributed.unwrap(self.model).modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                distributed.average_buffers(m, self.dist)
+        distributed.average_batchnorm_stats(distributed.unwrap(self.model), self.dist)
         index, real = distributed.eval_slices(len(split), self.dist)
         local = torch.from_numpy(predict(self.model, split.subset(index), fields, self.config.eval_batch_size,
                                          device=self.dist.device))

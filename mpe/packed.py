@@ -116,10 +116,6 @@ class PackedEmbedding:
         in_block = rank - base[np.arange(n) // LOCATOR_BLOCK, bucket]
         return bucket.astype(np.uint8), in_block.astype(np.uint8), base.astype(np.int32)
 
-    def locator_bytes(self) -> int:
-        """Bytes of the in-memory locator (not part of the export)."""
-        return int(self._bucket_of.nbytes + self._in_block.nbytes + self._block_base.nbytes)
-
     def num_bytes(self) -> int:
         """Payload bytes on disk (codes + steps + offset + id map), as verified at load."""
         return int(sum(int(f["bytes"]) for f in self.header["files"].values()))
@@ -162,8 +158,9 @@ class PackedEmbedding:
         rank = self._block_base[ids // LOCATOR_BLOCK, bucket].astype(np.int64) + self._in_block[ids]
         out = np.zeros((ids.size, self.dim), dtype=np.float32)
         order = np.argsort(bucket, kind="stable")  # the positions of each bucket's ids, together
-        ends = np.cumsum(np.bincount(bucket, minlength=len(self.candidates)))
-        starts = ends - np.bincount(bucket, minlength=len(self.candidates))
+        counts = np.bincount(bucket, minlength=len(self.candidates))
+        ends = np.cumsum(counts)
+        starts = ends - counts
         for i, buf in self._buckets.items():
             sel = order[starts[i] : ends[i]]
             if sel.size == 0:
@@ -206,11 +203,7 @@ class _NativeTables:
 
     def __init__(self, table: PackedEmbedding):
         self.table = table
-        k = len(table.candidates)
-        self.luts = [np.ascontiguousarray(table._scaled[i], dtype=np.float32) if i in table._scaled else None
-                     for i in range(k)]
         self.bits = np.asarray(table.candidates, dtype=np.int32)
-        self.offset = np.ascontiguousarray(table._offset_np, dtype=np.float32)
 
     @property
     def decode(self):
@@ -221,11 +214,11 @@ class _NativeTables:
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         t, k = self.table, len(self.table.candidates)
         bufs = (ctypes.c_void_p * k)(*[t._buckets[i].ctypes.data if i in t._buckets else None for i in range(k)])
-        luts = (ctypes.c_void_p * k)(*[lut.ctypes.data if lut is not None else None for lut in self.luts])
+        luts = (ctypes.c_void_p * k)(*[t._scaled[i].ctypes.data if i in t._scaled else None for i in range(k)])
         out = np.empty((ids.size, t.dim), dtype=np.float32)
         self.decode(ids.ctypes.data, ids.size, t._bucket_of.ctypes.data, t._in_block.ctypes.data,
                     t._block_base.ctypes.data, LOCATOR_BLOCK, k, bufs, self.bits.ctypes.data, luts,
-                    self.offset.ctypes.data, t.dim, out.ctypes.data)
+                    t._offset_np.ctypes.data, t.dim, out.ctypes.data)
         return out
 
 

@@ -161,7 +161,7 @@ def search(
     model.embedding.set_phase("search")
     trainer = Trainer(model, train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg), dist=dist)
     if trainer.plan and dist is not None and dist.is_main and out is not None:
-        print(f"sharding plan ({dist.world_size} processes, {dist.backend}): " + "; ".join(trainer.plan), flush=True)
+        print(distributed.describe_plan(trainer.plan, dist), flush=True)
     train = data.split("train") if train is None else train
     return trainer.fit(train, data.split("val"), data.fields, resume=resume)
 
@@ -418,8 +418,7 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
     """
     from mpe.export import export_run
 
-    if dist is not None and resume:
-        raise ValueError("--resume is single-process only: a multi-process run restarts from the beginning")
+    distributed.refuse_resume(resume, dist)
     main = dist is None or dist.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
