@@ -54,12 +54,17 @@ from data import sources
 from data.artifacts import (
     atomic_torch_save,
     atomic_write_bytes,
-    atomic_write_json,
     load_torch,
-    read_json,
 )
 from data.batches import SplitArrays
-from experiments.results_csv import cell, number, read_rows, write_rows
+from experiments.results_csv import (
+    cell,
+    number,
+    read_rows,
+    record_settings,
+    settings_conflict,
+    write_rows,
+)
 from genlora_rec.adapters import (
     adapter_layers,
     find_target_modules,
@@ -401,19 +406,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = {k: getattr(args, k) for k in RUN_KEYS}
-    cfg_path = out / "run_config.json"
-    if cfg_path.exists():
-        old = read_json(cfg_path)
-        diff = {k: (old.get(k), v) for k, v in run_cfg.items() if old.get(k) != v}
-        if diff:
-            print(f"error: {out} holds a run with other settings {diff}; use another --out", file=sys.stderr)
-            return 2
+    if diff := settings_conflict(out, run_cfg):
+        print(f"error: {out} holds a run with other settings {diff}; use another --out", file=sys.stderr)
+        return 2
     try:
         data = sources.resolve(args, progress=not args.no_progress)
     except (sources.DataNotFoundError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    atomic_write_json(cfg_path, run_cfg)
+    record_settings(out, run_cfg)
     sizes = {s: len(data.split(s)) for s in ("train", "val", "test")}
     log = tqdm.write if not args.no_progress else print
     log(f"data {data.root}: train {sizes['train']:,} / adapt {sizes['val'] // 2:,} + "

@@ -59,7 +59,14 @@ from data.artifacts import (
     sha256_file,
 )
 from data.batches import PreparedDataset
-from experiments.results_csv import cell, number, read_rows, write_rows
+from experiments.results_csv import (
+    cell,
+    number,
+    read_rows,
+    record_settings,
+    settings_conflict,
+    write_rows,
+)
 from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
 from genlora_rec.train import add_training_arguments, train_config
@@ -447,13 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = {k: getattr(args, k) for k in RUN_KEYS}
-    cfg_path = out / "run_config.json"
-    if cfg_path.exists():
-        old = read_json(cfg_path)
-        diff = {k: (old.get(k), v) for k, v in run_cfg.items() if old.get(k) != v}
-        if diff:
-            print(f"error: {out} holds a run with other settings {diff}; use another --out", file=sys.stderr)
-            return 2
+    if diff := settings_conflict(out, run_cfg):
+        print(f"error: {out} holds a run with other settings {diff}; use another --out", file=sys.stderr)
+        return 2
     try:
         data = sources.resolve(args, progress=not args.no_progress)
     except (sources.DataNotFoundError, ValueError, FileNotFoundError, ArtifactError) as e:
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    atomic_write_json(cfg_path, run_cfg)
+    record_settings(out, run_cfg)
     sizes = {s: len(data.split(s)) for s in ("train", "val", "test")}
     log(f"data {data.root}: {data.num_features:,} features in {len(data.fields)} fields, train {sizes['train']:,} / "
         f"val {sizes['val']:,} / test {sizes['test']:,} rows; fp32 tables {bench.fp32_bytes():,} B")

@@ -1,4 +1,5 @@
-"""The benchmarks' results CSV: one row per run, rewritten atomically, read back to resume."""
+"""The benchmarks' results CSV: one row per run, rewritten atomically, read back to resume;
+and the settings file that says which run an output directory holds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data.artifacts import atomic_write_bytes
+from data.artifacts import atomic_write_bytes, atomic_write_json, read_json
+
+RUN_CONFIG = "run_config.json"
 
 
 def cell(value: Any) -> str:
@@ -40,3 +43,19 @@ def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None
     for row in rows:
         w.writerow({k: cell(row.get(k, "")) for k in columns})
     atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def settings_conflict(out: Path, settings: dict) -> dict | None:
+    """{key: (recorded, given)} for the settings that differ from ``out/run_config.json``;
+    None when they agree or nothing is recorded yet (a resumed run must use the same ones)."""
+    path = out / RUN_CONFIG
+    if not path.exists():
+        return None
+    old = read_json(path)
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    return diff or None
+
+
+def record_settings(out: Path, settings: dict) -> None:
+    """Write ``out/run_config.json`` atomically."""
+    atomic_write_json(out / RUN_CONFIG, settings)
