@@ -252,6 +252,7 @@ class Benchmark:
             hidden=tuple(a.hidden) if a.hidden else None, dim=a.dim, epochs=a.epochs, batch_size=a.batch_size,
             lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, evals_per_epoch=a.evals_per_epoch,
             seed=seed, bisection_steps=a.mpe_bisection_steps, progress=not a.no_progress,
+            fp32_baseline=False,  # the benchmark's own fp32 rows are the comparison
         )
         run_dir = self.out / "mpe" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', setting)}_seed{seed}"
         res = run_setting(self.data, setting, base, run_dir)

@@ -46,6 +46,9 @@ class MixedPrecisionEmbedding(nn.Module):
         group_of_row: int [N] group id of every global row (N = sum of cardinalities;
             global id = field offset + local id).
         penalty_weights: float [G] size-penalty weight of every group (1 / r_g).
+        pruned_rows: bool [N] rows pruned by construction whatever their group's bit-width
+            (rows never seen in training: they carry no learned signal); they look up as
+            zero vectors and take no bytes. Needs 0 among the candidates. Default: none.
         candidates: bit-width candidates (0 = pruned row).
         mode: 'expected' or 'sample' (search phase only).
         tau: softmax temperature of the precision distributions.
@@ -66,6 +69,7 @@ class MixedPrecisionEmbedding(nn.Module):
         tau: float = 3e-3,
         lam: float = 3e-4,
         init_std: float = DEFAULT_INIT_STD,
+        pruned_rows: np.ndarray | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -82,10 +86,16 @@ class MixedPrecisionEmbedding(nn.Module):
         num_groups = int(group_of_row.max()) + 1
         if len(penalty_weights) != num_groups:
             raise ValueError(f"{len(penalty_weights)} penalty weights for {num_groups} groups")
+        pruned = np.zeros(num_rows, dtype=bool) if pruned_rows is None else np.asarray(pruned_rows, dtype=bool)
+        if pruned.shape != (num_rows,):
+            raise ValueError(f"pruned_rows has shape {pruned.shape}, expected ({num_rows},)")
+        if pruned.any() and 0 not in self.candidates:
+            raise ValueError(f"pruned rows need 0 among the candidate bit-widths, got {self.candidates}")
         self.ebc = build_ebc(self.fields, self.cardinalities, dim, init_std)
         offsets = np.concatenate([[0], np.cumsum(self.cardinalities)[:-1]])
         self.register_buffer("field_offsets", torch.as_tensor(offsets, dtype=torch.int64))
         self.register_buffer("group_of_row", torch.from_numpy(group_of_row))
+        self.register_buffer("pruned_rows", torch.from_numpy(pruned))
         self.register_buffer("penalty_weights", torch.as_tensor(np.asarray(penalty_weights), dtype=torch.float32))
         self.register_buffer("bit_values", torch.tensor(self.candidates, dtype=torch.float32))
         self.register_buffer("fixed_index", torch.zeros(num_groups, dtype=torch.int64))
@@ -93,6 +103,7 @@ class MixedPrecisionEmbedding(nn.Module):
         self.quantizer = LSQQuantizer(self.candidates, dim, num_rows)
         self.quantizer.init_steps(self.global_weight())
         self.phase = "search"
+        self.has_pruned_rows = bool(pruned.any())
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -139,8 +150,20 @@ class MixedPrecisionEmbedding(nn.Module):
         return np.asarray(self.candidates, dtype=np.int64)[self.fixed_index.numpy()]
 
     def bits_per_row(self) -> np.ndarray:
-        """int [N]: the fixed bit-width of every global row."""
-        return self.bits_per_group()[self.group_of_row.numpy()]
+        """int [N]: the fixed bit-width of every global row (0 for the pruned rows)."""
+        return self.row_bits(self.bits_per_group())
+
+    def row_bits(self, bits_per_group: np.ndarray) -> np.ndarray:
+        """int [N]: the bit-width every global row gets under ``bits_per_group`` [G] (bit
+        values): its group's, or 0 for the rows pruned by construction."""
+        bits = np.asarray(bits_per_group, dtype=np.int64)[self.group_of_row.numpy()]
+        bits[self.pruned_rows.numpy()] = 0
+        return bits
+
+    def pruned_groups(self) -> np.ndarray:
+        """bool [G]: groups all of whose rows are pruned by construction (their bit-width is moot)."""
+        kept = np.bincount(self.group_of_row.numpy(), weights=~self.pruned_rows.numpy(), minlength=self.num_groups)
+        return kept == 0
 
     # -- forward -----------------------------------------------------------------------
     def global_ids(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
@@ -175,6 +198,8 @@ class MixedPrecisionEmbedding(nn.Module):
             out = self.quantizer.mix_expected(flat, self.probabilities().index_select(0, groups))
         else:
             out = self.quantizer.mix_sampled(flat, (self.logits / self.tau).index_select(0, groups), tau=1.0)
+        if self.has_pruned_rows:
+            out = out * (~self.pruned_rows.index_select(0, unique)).unsqueeze(1).to(out.dtype)
         return out.index_select(0, inverse).view_as(rows)
 
     def expected_bits(self) -> torch.Tensor:

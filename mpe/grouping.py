@@ -10,7 +10,9 @@ group the most frequent ones. With that layout the number of non-empty groups is
 at most one.
 
 The counts should come from the training split only (the reference counts over
-train + val + test, which leaks the evaluation data's frequencies into the model).
+train + val + test, which leaks the evaluation data's frequencies into the model). Rows
+with no training count (``unseen_rows``) are pruned by construction (0 bits); their groups
+pay the largest penalty weight, so they cannot make the seen groups' bits cheaper.
 """
 
 from __future__ import annotations
@@ -79,19 +81,49 @@ def group_counts(freq: np.ndarray, group_of_row: np.ndarray) -> np.ndarray:
 
 
 def group_penalty_weights(freq: np.ndarray, group_of_row: np.ndarray) -> np.ndarray:
-    """float64 [G]: 1 / r_g with r_g = C_g / min_h C_h (the rarest group pays 1, frequent
-    groups pay less per bit).
+    """float64 [G]: 1 / r_g with r_g = C_g / C_min, C_min = min of C_h over the groups seen in
+    training (C_h > 0): the rarest seen group pays 1, frequent groups pay less per bit.
 
-    Guard: a group whose rows were never seen (C_g = 0, possible when counting over the
-    training split only) is given C_g = 1, i.e. ``C = max(C, 1)``; groups with counts keep
-    their exact ratios. Without it min_h C_h = 0 and every ratio is undefined (the
-    reference divides by zero there).
+    A group never seen in training (C_g = 0, possible when counting over the training split
+    only) pays the largest weight, 1: never cheaper than the rarest seen group. Its rows
+    carry no learned signal and are pruned anyway (``unseen_rows``). With no group seen at
+    all every weight is 1.
     """
-    counts = np.maximum(group_counts(freq, group_of_row), 1.0)
-    return counts.min() / counts
+    counts = group_counts(freq, group_of_row)
+    seen = counts > 0
+    if not seen.any():
+        return np.ones_like(counts)
+    c_min = counts[seen].min()
+    return np.where(seen, c_min / np.where(seen, counts, 1.0), 1.0)
+
+
+def unseen_rows(freq: np.ndarray) -> np.ndarray:
+    """bool [N]: rows with zero training count (values met only in val/test, or never)."""
+    return _check_freq(freq) == 0
 
 
 def group_frequencies(freq: np.ndarray, group_of_row: np.ndarray) -> np.ndarray:
     """float64 [G]: mean count per row of every group (for bits-vs-frequency plots)."""
     freq, groups, num = _check_groups(freq, group_of_row)
     return np.bincount(groups, weights=freq, minlength=num) / np.bincount(groups, minlength=num)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of two 1-D arrays (ties share their mean rank); NaN when
+    either is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of the same length, got {x.shape} and {y.shape}")
+    rx, ry = _mean_ranks(x), _mean_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(np.sqrt((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def _mean_ranks(a: np.ndarray) -> np.ndarray:
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(a.size, dtype=np.float64)
+    ranks[order] = np.arange(a.size, dtype=np.float64)
+    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]

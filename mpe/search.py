@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -41,7 +42,7 @@ from data.artifacts import (
 from data.batches import PreparedDataset, SplitArrays
 from genlora_rec import distributed
 from genlora_rec.distributed import DistEnv
-from genlora_rec.model import CTRModel
+from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.towers import build_tower
 from genlora_rec.train import add_training_arguments
 from genlora_rec.trainer import (
@@ -59,15 +60,22 @@ from mpe.bitwidths import (
     validate_candidates,
 )
 from mpe.embedding import MODES, MixedPrecisionEmbedding
-from mpe.grouping import frequency_groups, group_frequencies, group_penalty_weights
+from mpe.grouping import (
+    frequency_groups,
+    group_frequencies,
+    group_penalty_weights,
+    spearman,
+    unseen_rows,
+)
 from mpe.selection import select_argmax, select_budgeted, select_threshold
 
 DEFAULT_LAMBDA = {"criteo": 3e-4, "avazu": 2e-6}
 DEFAULT_L2 = {"criteo": 3e-6, "avazu": 0.0}
 SELECTIONS = ("threshold", "argmax", "budgeted")
 MODEL_FILE, MODEL_META = "model.pt", "model.json"
-MODEL_SCHEMA_VERSION = 2  # 2: meta_sha256, model.json's checksum of itself
+MODEL_SCHEMA_VERSION = 3  # 2: meta_sha256, model.json's checksum of itself; 3: pruned_rows
 STAGES_FILE, STAGES_DIGEST = "stages.json", "stages_sha256"
+FP32_BASELINES = "fp32_baselines"  # cache of fp32 results, inside the prepared data directory
 
 
 @dataclass
@@ -95,6 +103,7 @@ class MPEConfig:
     seed: int = 2022
     bisection_steps: int = 6
     bisection_fraction: float = 0.25
+    fp32_baseline: bool = True
     embedding_optimizer: str = "auto"
     embedding_lr: float | None = None
     sharding: str = "table_wise"
@@ -112,6 +121,7 @@ def build_model(data: PreparedDataset, cfg: MPEConfig, lam: float | None = None)
     """A fresh MPE model (seeded by ``cfg.seed``) grouped by ``data``'s train frequencies."""
     freq = data.frequency()
     group_of_row = frequency_groups(freq, cfg.groups)
+    candidates = validate_candidates(cfg.candidates)
     torch.manual_seed(cfg.seed)
     embedding = MixedPrecisionEmbedding(
         data.fields,
@@ -123,6 +133,7 @@ def build_model(data: PreparedDataset, cfg: MPEConfig, lam: float | None = None)
         mode=cfg.mode,
         tau=cfg.tau,
         lam=cfg.lambda_value() if lam is None else lam,
+        pruned_rows=unseen_rows(freq) if 0 in candidates else None,
     )
     tower = build_tower(cfg.tower, len(data.fields), cfg.dim, cfg.hidden)
     return CTRModel(embedding, tower)
@@ -171,11 +182,10 @@ def select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, budget_bytes:
     emb: MixedPrecisionEmbedding = model.embedding
     probs = emb.probabilities().detach().numpy()
     if cfg.selection == "threshold":
-        return select_threshold(probs, emb.candidates), {"strategy": "threshold"}
+        return _zero_pruned(emb, select_threshold(probs, emb.candidates)), {"strategy": "threshold"}
     if cfg.selection == "argmax":
-        return select_argmax(probs, emb.candidates), {"strategy": "argmax"}
+        return _zero_pruned(emb, select_argmax(probs, emb.candidates)), {"strategy": "argmax"}
     val = data.split("val")
-    group_of_row = emb.group_of_row.numpy()
 
     def evaluate_bits(bits: np.ndarray) -> float:
         trial = copy.deepcopy(model)
@@ -183,12 +193,17 @@ def select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, budget_bytes:
         return evaluate(trial, val, data.fields)["auc"]
 
     def size_of(bits: np.ndarray) -> int:
-        return packed_table_bytes(np.asarray(bits)[group_of_row], emb.dim, emb.candidates)
+        return packed_table_bytes(emb.row_bits(bits), emb.dim, emb.candidates)
 
     budget = budget_bytes if budget_bytes is not None else size_of(select_threshold(probs, emb.candidates))
     bits, info = select_budgeted(probs, emb.candidates, evaluate_bits, size_of, budget, cfg.samples, cfg.seed)
     info = {"strategy": "budgeted", "budget_bytes": int(budget), **info}
-    return bits, info
+    return _zero_pruned(emb, bits), info
+
+
+def _zero_pruned(emb: MixedPrecisionEmbedding, bits: np.ndarray) -> np.ndarray:
+    """0 bits for the groups whose rows are all pruned by construction (never seen in training)."""
+    return np.where(emb.pruned_groups(), 0, bits) if 0 in emb.candidates else bits
 
 
 def retrain(
@@ -240,9 +255,10 @@ def adjust_to_ratio(
     return bits, steps
 
 
-def compression_ratio(data: PreparedDataset, cfg: MPEConfig, bits: np.ndarray, group_of_row: np.ndarray) -> float:
-    packed = packed_table_bytes(bits[group_of_row], cfg.dim, validate_candidates(cfg.candidates))
-    return fp32_table_bytes(data.num_features, cfg.dim) / max(1, packed)
+def compression_ratio(data: PreparedDataset, emb: MixedPrecisionEmbedding, bits: np.ndarray) -> float:
+    """fp32 table bytes / packed bytes of ``emb``'s rows at ``bits`` [G] (pruned rows included)."""
+    packed = packed_table_bytes(emb.row_bits(bits), emb.dim, emb.candidates)
+    return fp32_table_bytes(data.num_features, emb.dim) / max(1, packed)
 
 
 def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float,
@@ -260,7 +276,7 @@ def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float,
         model = build_model(data, short_cfg, lam=math.exp(log_lam))
         search(model, data, short_cfg, out=None, train=short_train, dist=dist)
         bits, _ = select(model, data, short_cfg, None)
-        ratio = compression_ratio(data, cfg, bits, model.embedding.group_of_row.numpy())
+        ratio = compression_ratio(data, model.embedding, bits)
         trials.append({"trial": i, "lambda": math.exp(log_lam), "ratio": ratio})
         _log(cfg, dist)(f"  lambda {math.exp(log_lam):.3g}: {ratio:.1f}x (target {target:g}x)")
         if best is None or abs(math.log(ratio / target)) < abs(math.log(best[1] / target)):
@@ -275,6 +291,40 @@ def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float,
     return best[0], trials
 
 
+def fp32_baseline(data: PreparedDataset, cfg: MPEConfig, dist: DistEnv | None = None) -> dict:
+    """Test metrics of the fp32 model on the same data, tower, training settings and seed.
+
+    Trained once and cached as ``<prepared dir>/fp32_baselines/<key>.json`` (key: a sha256
+    of the data manifest and the settings), so runs at other lambdas or ratios reuse it.
+    Returns ``{"test": {...}, "val_auc", "seconds", "steps", "cached", "key"}``.
+    """
+    train_cfg = TrainConfig.from_attributes(cfg, weight_decay=cfg.l2())
+    settings = {k: v for k, v in asdict(train_cfg).items() if k != "progress"}
+    key_src = {"manifest": data.manifest, "tower": cfg.tower, "hidden": list(cfg.hidden or []), "dim": cfg.dim,
+               "train": settings, "processes": 1 if dist is None else dist.world_size}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = data.root / FP32_BASELINES / f"{key}.json"
+    if path.exists():
+        try:
+            cached = read_json(path)
+            return {**cached, "test": dict(cached["test"]), "cached": True}
+        except (ArtifactError, KeyError, TypeError):
+            pass  # unreadable cache: train again and overwrite it
+    _log(cfg, dist)(f"fp32 baseline (same data, tower, settings, seed {cfg.seed}) for comparison")
+    torch.manual_seed(cfg.seed)
+    model = CTRModel(FP32Embedding(data.fields, data.cardinalities, cfg.dim),
+                     build_tower(cfg.tower, len(data.fields), cfg.dim, cfg.hidden))
+    fit = Trainer(model, train_cfg, log=_log(cfg, dist), dist=dist).fit(data.split("train"), data.split("val"), data.fields)
+    result = {"test": evaluate(model, data.split("test"), data.fields), "val_auc": fit.best_auc,
+              "seconds": fit.seconds, "steps": fit.steps, "key": key}
+    if dist is None or dist.is_main:
+        try:
+            atomic_write_json(path, result)
+        except OSError:
+            pass  # a read-only prepared directory: no cache, the result is still reported
+    return {**result, "cached": False}
+
+
 def _log(cfg: MPEConfig, dist: DistEnv | None = None):
     quiet = not cfg.progress or (dist is not None and not dist.is_main)
     return (lambda _msg: None) if quiet else print
@@ -282,8 +332,6 @@ def _log(cfg: MPEConfig, dist: DistEnv | None = None):
 
 def check_ranks_agree(bits: np.ndarray, dist: DistEnv | None) -> list[str]:
     """sha256 of every rank's selected bits; ``RuntimeError`` when the ranks disagree."""
-    import hashlib
-
     digest = hashlib.sha256(np.asarray(bits, dtype=np.int64).tobytes()).hexdigest()[:16]
     if dist is None:
         return [digest]
@@ -338,6 +386,7 @@ def load_model(run_dir: str | Path) -> tuple[CTRModel, dict]:
             meta["fields"], meta["cardinalities"], meta["dim"],
             state["embedding.group_of_row"].numpy(), state["embedding.penalty_weights"].numpy(),
             candidates=meta["candidates"], mode=meta["mode"], tau=meta["tau"],
+            pruned_rows=state["embedding.pruned_rows"].numpy(),
         )
         hidden = tuple(meta["hidden"]) if meta["hidden"] else None
         tower = build_tower(meta["tower"], len(meta["fields"]), meta["dim"], hidden)
@@ -351,7 +400,7 @@ def load_model(run_dir: str | Path) -> tuple[CTRModel, dict]:
 
 def _stage_config(cfg: MPEConfig) -> dict:
     """The settings a resumed run must share with the interrupted one (JSON form)."""
-    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "progress"}))
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("progress", "fp32_baseline")}))
 
 
 def _load_stages(path: Path, cfg: MPEConfig) -> dict:
@@ -456,11 +505,11 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
     else:
         bits, sel_info = select(model, data, cfg, budget)
         if cfg.target_ratio:
-            gor = emb.group_of_row.numpy()
             bits, moves = adjust_to_ratio(
-                bits, group_frequencies(data.frequency(), gor), emb.candidates,
-                lambda b: compression_ratio(data, cfg, b, gor), cfg.target_ratio,
+                bits, group_frequencies(data.frequency(), emb.group_of_row.numpy()), emb.candidates,
+                lambda b: compression_ratio(data, emb, _zero_pruned(emb, b)), cfg.target_ratio,
             )
+            bits = _zero_pruned(emb, bits)
             sel_info = {**sel_info, "budget_adjustments": moves}
         stages.update(bits=[int(b) for b in bits], selection=sel_info)
         if main:
@@ -469,6 +518,7 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
     log(f"selected ({cfg.selection}): mean {float(np.mean(bits)):.3f} bits per group")
     retrain_fit = retrain(model, init_weight, bits, data, cfg, out / "retrain", resume=resume, dist=dist)
     test = evaluate(model, data.split("test"), data.fields)
+    fp32 = fp32_baseline(data, cfg, dist) if cfg.fp32_baseline else None
     if not main:
         distributed.barrier(dist)  # rank 0 writes the run
         return {"method": "mpe", "test": test, "bits_per_group": [int(b) for b in bits], "rank": dist.rank}
@@ -477,13 +527,18 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
     freq = data.frequency()
     group_of_row = emb.group_of_row.numpy()
     gfreq = group_frequencies(freq, group_of_row)
-    mean_bits_row = float(np.mean(bits[group_of_row])) if len(group_of_row) else 0.0
+    row_bits = emb.row_bits(bits)
+    mean_bits_row = float(np.mean(row_bits)) if len(row_bits) else 0.0
+    weights = emb.penalty_weights.double().numpy()
+    seen = ~emb.pruned_groups()
     report = {
         "method": "mpe",
         "dataset": data.dataset,
         "data": str(data.root),
         "config": {**asdict(cfg), "lambda": lam},
         "test": test,
+        "fp32_test": None if fp32 is None else fp32["test"],
+        "fp32_baseline": None if fp32 is None else {k: v for k, v in fp32.items() if k != "test"},
         "search_val_auc": search_fit.best_auc,
         "retrain_val_auc": retrain_fit.best_auc,
         "fp32_bytes": fp32_bytes,
@@ -495,6 +550,12 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
         "tower_bytes": model.tower_bytes(),
         "export_test_auc": export["test_auc"],
         "bits_per_group": [int(b) for b in bits],
+        "unseen_rows": {"rows": int(emb.pruned_rows.sum()), "groups_all_unseen": int((~seen).sum()),
+                        "note": "rows never seen in training are pruned (0 bits) by construction"},
+        "penalty_weights": weights.tolist(),
+        "penalty_weight_sum": float(weights.sum()),
+        "spearman_frequency_bits": _finite_or_none(spearman(gfreq[seen], bits[seen].astype(np.float64)))
+        if seen.sum() > 1 else None,
         "probabilities": probs.round(4).tolist(),
         "group_mean_frequency": gfreq.tolist(),
         "selection": sel_info,
@@ -517,9 +578,21 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
         }
     atomic_write_json(out / "report.json", report)
     plot_bits(out / "bits_vs_frequency.png", gfreq, bits,
-              f"MPE on {data.dataset}: {report['compression_ratio']:.1f}x, test AUC {test['auc']:.4f}")
+              f"MPE on {data.dataset}: {headline(report)}")
     distributed.barrier(dist)
     return report
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def headline(report: dict) -> str:
+    """One line: the ratio, the test AUC and, when measured, the fp32 model's."""
+    line = f"{report['compression_ratio']:.1f}x at test AUC {report['test']['auc']:.4f}"
+    if report.get("fp32_test"):
+        line += f", fp32 {report['fp32_test']['auc']:.4f}"
+    return line
 
 
 def summary_table(report: dict) -> str:
@@ -535,8 +608,14 @@ def summary_table(report: dict) -> str:
         ("search step / retrain step", f"{report['timings']['search_step_seconds'] * 1e3:.1f} ms / {report['timings']['retrain_step_seconds'] * 1e3:.1f} ms"),
         ("total time", f"{report['timings']['total_seconds']:.1f} s"),
     ]
+    if report.get("fp32_test"):
+        f = report["fp32_test"]
+        rows.insert(2, ("fp32 test AUC / logloss", f"{f['auc']:.5f} / {f['logloss']:.5f} (same data, tower, seed)"))
+    sp = report.get("spearman_frequency_bits")
+    rows.append(("spearman(frequency, bits)", "n/a" if sp is None else f"{sp:.3f} over the groups seen in training"))
+    rows.append(("penalty weights: sum", f"{report['penalty_weight_sum']:.2f} over {len(report['penalty_weights'])} groups"))
     if report.get("torchrec_quant_bytes"):
-        rows.insert(5, ("torchrec rowwise-quant bytes", f"{report['torchrec_quant_bytes']:,}"))
+        rows.insert(6 if report.get("fp32_test") else 5, ("torchrec rowwise-quant bytes", f"{report['torchrec_quant_bytes']:,}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
@@ -559,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
                            weight_decay_help=f"L2 on rows and tower (default per dataset: {DEFAULT_L2})")
     p.add_argument("--out", default=None, help="run directory (default runs/mpe_<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-fp32-baseline", action="store_true",
+                   help="skip the fp32 model trained on the same data, tower and seed for comparison "
+                        f"(trained once, then cached in the prepared data's {FP32_BASELINES}/)")
     return p
 
 
@@ -570,6 +652,7 @@ def config_from_args(args: argparse.Namespace) -> MPEConfig:
         dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, evals_per_epoch=args.evals_per_epoch,
         patience=args.patience, weight_decay=args.weight_decay, seed=args.seed, progress=not args.no_progress,
         embedding_optimizer=args.embedding_optimizer, embedding_lr=args.embedding_lr, sharding=args.sharding,
+        fp32_baseline=not args.no_fp32_baseline,
     )
 
 
@@ -592,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.shutdown()
     if dist is None or dist.is_main:
-        print(f"\nMPE on {data.dataset} -> {out}\n{summary_table(report)}")
+        print(f"\nMPE on {data.dataset} -> {out}: {headline(report)}\n{summary_table(report)}")
     return 0
 
 

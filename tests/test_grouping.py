@@ -9,6 +9,8 @@ from mpe.grouping import (
     group_counts,
     group_frequencies,
     group_penalty_weights,
+    spearman,
+    unseen_rows,
 )
 
 
@@ -46,12 +48,24 @@ def test_fewer_rows_than_groups():
     assert frequency_groups(freq, 128, balanced=True).tolist() == [2, 0, 1]
 
 
-def test_zero_count_groups_are_guarded():
-    freq = np.array([0, 0, 0, 0, 10, 30])
-    groups = frequency_groups(freq, 3)
-    assert group_counts(freq, groups).tolist() == [0, 0, 40]
+def test_zero_count_groups_keep_the_reference_scale():
+    # rows 0-3 never seen in training: their groups must not collapse C_min to 1
+    freq = np.array([0, 0, 0, 0, 1000, 3000, 2000, 2000])
+    groups = frequency_groups(freq, 4)
+    assert group_counts(freq, groups).tolist() == [0, 0, 3000, 5000]
     w = group_penalty_weights(freq, groups)
-    assert np.all(np.isfinite(w)) and w.tolist() == pytest.approx([1, 1, 1 / 40])
+    # seen groups: C_min / C_g with C_min = 3000; unseen groups pay the largest weight, 1
+    assert w.tolist() == pytest.approx([1, 1, 1, 0.6])
+    assert unseen_rows(freq).tolist() == [True] * 4 + [False] * 4
+    assert group_penalty_weights(np.zeros(4), np.array([0, 0, 1, 1])).tolist() == [1, 1]
+
+
+def test_spearman_on_known_arrays():
+    assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1)
+    assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1)
+    # ties share their mean rank: ranks x = 0,1,2,3 and y = .5,.5,2,3 -> r = 0.9487
+    assert spearman(np.array([1, 2, 3, 4]), np.array([0, 0, 5, 6])) == pytest.approx(0.948683, abs=1e-6)
+    assert np.isnan(spearman(np.array([1, 2, 3]), np.array([2, 2, 2])))
 
 
 def test_bad_input():
