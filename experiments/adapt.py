@@ -210,7 +210,7 @@ def pretrain_mpe(args, data, seed: int, out: Path, log) -> CTRModel:
                         hidden=tuple(args.hidden) if args.hidden else None, dim=args.dim, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                         evals_per_epoch=args.evals_per_epoch, seed=seed, progress=not args.no_progress,
-                        weight_decay=args.weight_decay or None)
+                        weight_decay=args.weight_decay or None, fp32_baseline=False)
         t0 = time.perf_counter()
         mpe_run(data, cfg, run_dir, resume=True)
         log(f"seed {seed}: MPE pretrained in {time.perf_counter() - t0:.1f}s -> {run_dir}")

@@ -22,7 +22,8 @@ Written to OUT: ``results.csv`` (one row per run, rewritten atomically after eac
 rows already in it are skipped, so an interrupted benchmark resumes), ``reports/<run>.json``
 (each run's details), ``auc_vs_size.png`` (mean test AUC over seeds, min-max bars, against
 bytes on a log axis, one line per method, the Pareto front of the means marked) and
-``auc_vs_size.md`` (the same as a table). ``--methods NAME[:S1,S2,...]`` overrides a
+``auc_vs_size.md`` (the same as a table), and, when MPE ran with two or more seeds,
+``mpe_seed_agreement.json`` (per setting, the share of groups whose bits the seeds agree on). ``--methods NAME[:S1,S2,...]`` overrides a
 method's default settings; without --methods every registered method runs at its defaults.
 """
 
@@ -81,6 +82,7 @@ RUN_KEYS = ("dataset", "data", "prepared", "synthetic", "days", "drift", "data_s
             "tower", "hidden", "dim", "epochs", "batch_size", "lr", "weight_decay", "patience",
             "evals_per_epoch", "mpe_groups", "mpe_mode", "mpe_bisection_steps")
 PNG, MARKDOWN, CSV = "auc_vs_size.png", "auc_vs_size.md", "results.csv"
+AGREEMENT = "mpe_seed_agreement.json"
 
 
 # -- what to run --------------------------------------------------------------------------------
@@ -329,6 +331,26 @@ def summarize(rows: Sequence[dict[str, str]]) -> list[dict]:
     return points
 
 
+def seed_agreement(reports: Sequence[dict]) -> dict[str, dict]:
+    """Per MPE setting run with two or more seeds: the share of groups on which the seeds'
+    selected bit-widths agree (mean over seed pairs), from each run's ``bits_per_group``.
+
+    Returns ``{setting: {"seeds": [...], "share_equal": float, "pairs": {"2022-2023": float}}}``.
+    """
+    by_setting: dict[str, dict[int, np.ndarray]] = {}
+    for r in reports:
+        if r.get("method") == "mpe" and r.get("bits_per_group"):
+            by_setting.setdefault(str(r["setting"]), {})[int(r["seed"])] = np.asarray(r["bits_per_group"])
+    out = {}
+    for setting, bits in by_setting.items():
+        seeds = sorted(bits)
+        pairs = {f"{a}-{b}": float(np.mean(bits[a] == bits[b]))
+                 for i, a in enumerate(seeds) for b in seeds[i + 1:] if bits[a].shape == bits[b].shape}
+        if pairs:
+            out[setting] = {"seeds": seeds, "share_equal": float(np.mean(list(pairs.values()))), "pairs": pairs}
+    return out
+
+
 def _methods_in_order(points: Sequence[dict]) -> list[str]:
     """The methods of ``points`` in registry order (unknown names last)."""
     names = list(dict.fromkeys(p["method"] for p in points))
@@ -352,7 +374,7 @@ def front_sentence(points: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, points: Sequence[dict], title: str) -> None:
+def write_markdown(path: Path, points: Sequence[dict], title: str, agreement: dict[str, dict] | None = None) -> None:
     lines = [f"# {title}", "",
              "Test AUC mean ± std over seeds (early stopping on val); bytes = the export's files on disk; "
              "ratio = fp32 rows x dim x 4 / bytes; seconds = training (post: conversion; mpe: whole pipeline).", "",
@@ -363,6 +385,11 @@ def write_markdown(path: Path, points: Sequence[dict], title: str) -> None:
         lines.append(f"| {p['method']} | {p['setting']} | {p['bytes']:,.0f} | {p['ratio']:.1f}x | {auc} | "
                      f"{p['logloss']:.4f} | {p['seconds']:.1f} | {p['seeds']} | {'yes' if p['on_front'] else 'no'} |")
     lines += ["", "Pareto front (max mean AUC at <= bytes):", front_sentence(points)]
+    if agreement:
+        lines += ["", "MPE: share of frequency groups on which the seeds select the same bit-width "
+                  "(mean over seed pairs):"]
+        lines += [f"- {setting}: {a['share_equal']:.1%} (seeds {', '.join(map(str, a['seeds']))})"
+                  for setting, a in agreement.items()]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
@@ -503,7 +530,13 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"{data.dataset} ({src}), tower {args.tower} {args.hidden or 'default'}, dim {args.dim}, "
                  f"{args.epochs} epoch(s)")
         points = summarize(rows)
-        write_markdown(out / MARKDOWN, points, f"AUC vs size: {title}")
+        reports = [read_json(p) for p in sorted((out / "reports").glob("*.json"))]
+        agreement = seed_agreement(reports)
+        if agreement:
+            atomic_write_json(out / AGREEMENT, agreement)
+            for setting, a in agreement.items():
+                log(f"mpe {setting}: seeds agree on {a['share_equal']:.1%} of the groups")
+        write_markdown(out / MARKDOWN, points, f"AUC vs size: {title}", agreement)
         plot(out / PNG, points, title)
         log(f"wrote {csv_path}, {out / MARKDOWN}, {out / PNG}")
     if failed:

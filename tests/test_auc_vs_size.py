@@ -184,3 +184,19 @@ def test_post_methods_reuse_the_fp32_model_of_the_seed(bench, monkeypatch) -> No
     assert float(half["ratio"]) == pytest.approx(int(fp32["fp32_bytes"]) / int(half["bytes"]), rel=1e-12)
     assert abs(float(half["test_auc"]) - float(fp32["test_auc"])) < 1e-3  # fp16 rows, same tower
     assert ("half", "fp16") in _markdown_rows(out / "auc_vs_size.md")
+
+
+def test_seed_agreement_of_mpe_bits() -> None:
+    reports = [
+        {"method": "mpe", "setting": "x10", "seed": 1, "bits_per_group": [0, 0, 2, 4]},
+        {"method": "mpe", "setting": "x10", "seed": 2, "bits_per_group": [0, 0, 2, 6]},
+        {"method": "mpe", "setting": "x10", "seed": 3, "bits_per_group": [0, 1, 3, 6]},
+        {"method": "mpe", "setting": "x50", "seed": 1, "bits_per_group": [0, 0, 0, 6]},  # one seed: no pair
+        {"method": "lsq", "setting": "4", "seed": 1},
+    ]
+    agreement = auc_vs_size.seed_agreement(reports)
+    assert list(agreement) == ["x10"]
+    a = agreement["x10"]
+    assert a["seeds"] == [1, 2, 3]
+    assert a["pairs"] == {"1-2": 0.75, "1-3": 0.25, "2-3": 0.5}
+    assert a["share_equal"] == pytest.approx(0.5)
