@@ -99,7 +99,7 @@ class MPEConfig:
     lr: float = 1e-3
     weight_decay: float | None = None
     patience: int = 3
-    evals_per_epoch: int = 2
+    evals_per_epoch: int = 1
     seed: int = 2022
     bisection_steps: int = 6
     bisection_fraction: float = 0.25
@@ -634,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tau", type=float, default=3e-3, help="softmax temperature of the precision logits (default 3e-3)")
     g.add_argument("--selection", choices=SELECTIONS, default="threshold", help="how bits are chosen from the distributions")
     g.add_argument("--samples", type=int, default=16, help="budgeted selection: assignments drawn (default 16)")
-    add_training_arguments(p, evals_per_epoch=2, weight_decay=None,
+    add_training_arguments(p, evals_per_epoch=1, weight_decay=None,
                            weight_decay_help=f"L2 on rows and tower (default per dataset: {DEFAULT_L2})")
     p.add_argument("--out", default=None, help="run directory (default runs/mpe_<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
