@@ -48,10 +48,10 @@ from torchrec import KeyedJaggedTensor
 
 from baselines.base import CompressedEmbedding, read_tables
 from baselines.registry import Method, MethodInputs
-from genlora_rec.model import DEFAULT_INIT_STD
-from genlora_rec.trainer import trainable_parameters
-from mpe.bitwidths import bucket_code_bytes, code_range, npy_file_bytes
-from mpe.packing import pack_codes, unpack_codes
+from ctr.model import DEFAULT_INIT_STD
+from ctr.trainer import trainable_parameters
+from encoding.packing import pack_codes, unpack_codes
+from encoding.sizes import bucket_code_bytes, code_range, npy_file_bytes
 
 SETTINGS = ("int8", "int4")
 RowOptimizer = Literal["adam", "sgd"]

@@ -37,7 +37,7 @@ from data.artifacts import (
     safe_child,
     sha256_file,
 )
-from mpe.bitwidths import npy_file_bytes
+from encoding.sizes import npy_file_bytes
 
 FORMAT = "ctr-compressed-tables"
 SCHEMA_VERSION = 1

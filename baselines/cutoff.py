@@ -35,9 +35,9 @@ from baselines.base import read_tables
 from baselines.budget import budget_bytes, parse_ratio
 from baselines.registry import Method, MethodInputs
 from baselines.remapped import RemappedTables, StoredTable
-from genlora_rec.model import DEFAULT_INIT_STD
-from mpe.bitwidths import npy_file_bytes
-from mpe.packing import ef_decode, ef_encode, ef_nbytes
+from ctr.model import DEFAULT_INIT_STD
+from encoding.packing import ef_decode, ef_encode, ef_nbytes
+from encoding.sizes import npy_file_bytes
 
 
 def oov_rows(cardinalities: Sequence[int]) -> np.ndarray:

@@ -17,7 +17,7 @@ from torchrec import KeyedJaggedTensor
 
 from baselines.base import CompressedEmbedding, read_tables
 from baselines.registry import Method, MethodInputs
-from genlora_rec.model import DEFAULT_INIT_STD, FP32Embedding, table_name
+from ctr.model import DEFAULT_INIT_STD, FP32Embedding, table_name
 
 
 class FP32Tables(CompressedEmbedding, FP32Embedding):

@@ -48,9 +48,9 @@ from baselines.base import read_tables
 from baselines.budget import budget_bytes, parse_ratio
 from baselines.registry import Method, MethodInputs
 from baselines.remapped import RemappedTables, StoredTable
+from ctr.model import DEFAULT_INIT_STD
 from data.transforms import splitmix64
-from genlora_rec.model import DEFAULT_INIT_STD
-from mpe.bitwidths import npy_file_bytes
+from encoding.sizes import npy_file_bytes
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9

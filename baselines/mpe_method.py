@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from baselines.registry import Method
 from data.artifacts import read_json
 from data.batches import PreparedDataset
-from mpe.search import MPEConfig, run
+from mpe.config import MPEConfig
+from mpe.format import HEADER_FILE
+from mpe.pipeline import run
+from mpe.run_dir import EXPORT_DIR, REPORT_FILE
 
 _SETTING = re.compile(r"x(\d+(?:\.\d+)?)")
 
@@ -50,15 +53,14 @@ class PipelineResult:
     report: dict
 
 
-def run_setting(data: PreparedDataset, setting: str, base: MPEConfig, out: Path) -> PipelineResult:
-    """Run MPE at ``setting`` with ``base``'s model / training options into ``out`` (resumable).
+def run_setting(data: PreparedDataset, cfg: MPEConfig, out: Path) -> PipelineResult:
+    """Run MPE with ``cfg`` (its target ratio: the setting) into ``out`` (resumable).
 
     Raises ``RuntimeError`` if the bytes on disk differ from the report's packed bytes.
     """
-    cfg = replace(base, dataset=data.dataset, target_ratio=target_ratio(setting), lam=None)
-    report = read_json(out / "report.json") if (out / "report.json").exists() else run(data, cfg, out, resume=True)
-    export_dir = out / "export"
-    header = read_json(export_dir / "header.json")
+    report = read_json(out / REPORT_FILE) if (out / REPORT_FILE).exists() else run(data, cfg, out, resume=True)
+    export_dir = out / EXPORT_DIR
+    header = read_json(export_dir / HEADER_FILE)
     on_disk = sum((export_dir / name).stat().st_size for name in header["files"])
     if on_disk != report["packed_bytes"]:
         raise RuntimeError(f"{export_dir}: {on_disk:,} table bytes on disk, report says {report['packed_bytes']:,}")

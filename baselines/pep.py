@@ -57,9 +57,9 @@ from torchrec import KeyedJaggedTensor
 from baselines.base import CompressedEmbedding, read_tables
 from baselines.budget import budget_bytes, is_ratio, parse_ratio
 from baselines.registry import Method, MethodInputs
-from genlora_rec.model import DEFAULT_INIT_STD, build_ebc, field_rows, table_name
-from mpe.bitwidths import npy_file_bytes
-from mpe.packing import ef_decode, ef_encode, ef_nbytes
+from ctr.model import DEFAULT_INIT_STD, build_ebc, field_rows, table_name
+from encoding.packing import ef_decode, ef_encode, ef_nbytes
+from encoding.sizes import npy_file_bytes
 
 GRANULARITIES = ("field_dim", "feature_dim")
 ENCODINGS = ("dense", "bitmask", "elias_fano")

@@ -33,8 +33,8 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 
 from baselines.base import CompressedEmbedding, read_tables
 from baselines.registry import Method, MethodInputs
-from genlora_rec.model import FP32Embedding, table_name
-from mpe.torchrec_export import (
+from ctr.model import FP32Embedding, table_name
+from encoding.torchrec_rows import (
     DEFAULT_ROW_ALIGNMENT,
     quantize_ebc,
     tbe_weight_buffers,

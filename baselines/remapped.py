@@ -18,8 +18,8 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from baselines.base import CompressedEmbedding
+from ctr.model import DEFAULT_INIT_STD
 from data.batches import to_kjt
-from genlora_rec.model import DEFAULT_INIT_STD
 
 
 @dataclass(frozen=True)

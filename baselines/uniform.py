@@ -27,12 +27,13 @@ from torchrec import KeyedJaggedTensor
 
 from baselines.base import CompressedEmbedding
 from baselines.registry import Method, MethodInputs
-from genlora_rec.model import DEFAULT_INIT_STD
-from genlora_rec.trainer import trainable_parameters
-from mpe.bitwidths import ID_MAP_FILE, OFFSET_FILE, STEPS_FILE, bucket_file, packed_table_bytes
+from ctr.model import DEFAULT_INIT_STD
+from ctr.trainer import trainable_parameters
+from encoding.packing import encode_id_map
+from mpe.bitwidths import packed_table_bytes
 from mpe.embedding import MixedPrecisionEmbedding
-from mpe.export import bucket_codes, write_packed_export
-from mpe.packing import encode_id_map
+from mpe.format import ID_MAP_FILE, OFFSET_FILE, STEPS_FILE, bucket_file
+from mpe.writer import bucket_codes, write_packed_export
 
 SETTINGS = ("8", "6", "4", "2")
 

@@ -50,6 +50,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctr.model import CTRModel, FP32Embedding
+from ctr.options import add_training_arguments, train_config
+from ctr.trainer import TrainConfig, Trainer, evaluate
 from data import sources
 from data.artifacts import (
     atomic_torch_save,
@@ -62,6 +65,7 @@ from experiments.results_csv import (
     number,
     read_rows,
     record_settings,
+    run_settings,
     settings_conflict,
     write_rows,
 )
@@ -71,13 +75,14 @@ from genlora_rec.adapters import (
     inject_adapters,
     trainable_parameter_count,
 )
+from genlora_rec.effective_rank import effective_rank, genlora_parameter_count, lora_parameter_count
 from genlora_rec.genlora import GenLoRAConfig
 from genlora_rec.lora import LoRAConfig
-from genlora_rec.model import CTRModel, FP32Embedding
-from genlora_rec.rank import effective_rank, genlora_parameter_count, lora_parameter_count
 from genlora_rec.towers import build_tower
-from genlora_rec.train import add_training_arguments, train_config
-from genlora_rec.trainer import TrainConfig, Trainer, evaluate
+from mpe.config import MPEConfig, add_mpe_arguments
+from mpe.pipeline import run as run_mpe
+from mpe.run_dir import EXPORT_DIR, REPORT_FILE
+from mpe.serving import load_served_model
 
 METHODS = ("none", "head", "full", "lora", "genlora")
 TARGETS = r"mlp\.\d+|head"
@@ -85,10 +90,10 @@ COLUMNS = (
     "dataset", "method", "setting", "seed", "trainable_params", "budget_params", "rank", "group_size",
     "effective_rank", "test_auc", "test_logloss", "val_auc", "lr", "steps", "seconds",
 )
-# settings that must match for OUT to be resumed
-RUN_KEYS = ("embedding", "mpe_target_ratio", "weight_decay", "dataset", "data", "synthetic", "days", "drift", "data_seed", "min_count", "tower", "hidden",
-            "dim", "epochs", "batch_size", "lr", "adapt_epochs", "adapt_batch_size", "adapt_lr",
-            "group_size", "genlora_max_rank", "alpha")
+# options that only choose which runs to do (or how to show them); every other option must
+# match for OUT to be resumed
+RUN_SELECTION = ("out", "methods", "ranks", "seed", "seeds", "no_progress")
+DEFAULT_MPE_RATIO = 10.0
 
 
 # -- model helpers ----------------------------------------------------------------------------
@@ -194,28 +199,27 @@ def pretrain(args, data, seed: int, out: Path, log) -> CTRModel:
     return model
 
 
+def mpe_config(args: argparse.Namespace, dataset: str, seed: int) -> MPEConfig:
+    """The MPE pretraining of ``seed``: ``MPEConfig.from_args``, as the CLI builds it (target
+    ``--mpe-target-ratio``); no fp32 comparison (the ``none`` rows on fp32 are the benchmark's)."""
+    cfg = MPEConfig.from_args(args, dataset=dataset)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed), fp32_baseline=False)
+
+
 def pretrain_mpe(args, data, seed: int, out: Path, log) -> CTRModel:
     """MPE search + retrain at ``--mpe-target-ratio`` (resumable), served from its bit-packed export.
 
     ``mpe.search.run`` early-stops on the whole val split, i.e. on the adaptation window too;
     the test split stays unseen.
     """
-    from mpe.search import MPEConfig
-    from mpe.search import run as mpe_run
-    from mpe.serving import load_served_model
-
     run_dir = out / f"mpe_seed{seed}"
-    if not (run_dir / "report.json").exists():
-        cfg = MPEConfig(dataset=data.dataset, target_ratio=args.mpe_target_ratio, tower=args.tower,
-                        hidden=tuple(args.hidden) if args.hidden else None, dim=args.dim, epochs=args.epochs,
-                        batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                        evals_per_epoch=args.evals_per_epoch, seed=seed, progress=not args.no_progress,
-                        weight_decay=args.weight_decay or None, fp32_baseline=False)
+    if not (run_dir / REPORT_FILE).exists():
+        cfg = mpe_config(args, data.dataset, seed)
         t0 = time.perf_counter()
-        mpe_run(data, cfg, run_dir, resume=True)
+        run_mpe(data, cfg, run_dir, resume=True)
         log(f"seed {seed}: MPE pretrained in {time.perf_counter() - t0:.1f}s -> {run_dir}")
-    model = load_served_model(run_dir / "export")
-    log(f"seed {seed}: MPE export {model.embedding_bytes():,} B from {run_dir / 'export'}")
+    model = load_served_model(run_dir / EXPORT_DIR)
+    log(f"seed {seed}: MPE export {model.embedding_bytes():,} B from {run_dir / EXPORT_DIR}")
     return model
 
 
@@ -372,12 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.adapt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sources.add_data_arguments(p)
-    add_training_arguments(p, evals_per_epoch=2)  # pretraining; --seed is the first of --seeds
+    add_training_arguments(p)  # pretraining; --seed is the first of --seeds
     g = p.add_argument_group("embedding")
     g.add_argument("--embedding", choices=("fp32", "mpe"), default="fp32",
                    help="frozen embedding under the adapters: fp32 tables or MPE's bit-packed export (default fp32)")
-    g.add_argument("--mpe-target-ratio", type=float, default=10.0,
-                   help="--embedding mpe: target compression ratio of the MPE export (default 10)")
+    add_mpe_arguments(p, prefix="mpe-")  # --embedding mpe: the pretraining's MPE options
+    p.set_defaults(target_ratio=DEFAULT_MPE_RATIO)
     g = p.add_argument_group("adaptation")
     g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods (default all)")
     g.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="LoRA ranks / GenLoRA budgets")
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_cfg = {k: getattr(args, k) for k in RUN_KEYS}
+    run_cfg = run_settings(args, RUN_SELECTION)
     if diff := settings_conflict(out, run_cfg):
         print(f"error: {out} holds a run with other settings {diff}; use another --out", file=sys.stderr)
         return 2
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     src = args.data or (f"synthetic {args.synthetic} rows, {args.days} days, drift {args.drift:g}"
                         if args.synthetic else str(data.root))
-    emb = "fp32 embeddings" if args.embedding == "fp32" else f"MPE {args.mpe_target_ratio:g}x export embeddings"
+    emb = "fp32 embeddings" if args.embedding == "fp32" else f"MPE {args.target_ratio:g}x export embeddings"
     title = f"{data.dataset} ({src}), {emb}, tower {args.tower} {args.hidden or 'default'}, time split"
     write_rows(csv_path, rows, COLUMNS)
     write_markdown(out / "results.md", rows, f"Adaptation benchmark: {title}")

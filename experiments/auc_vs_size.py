@@ -48,7 +48,11 @@ import torch
 from tqdm.auto import tqdm
 
 from baselines.base import CompressedEmbedding
+from baselines.mpe_method import run_setting, target_ratio
 from baselines.registry import METHODS, Method, MethodInputs, get_method
+from ctr.model import CTRModel
+from ctr.options import add_training_arguments, train_config
+from ctr.trainer import Trainer, evaluate
 from data import sources
 from data.artifacts import (
     ArtifactError,
@@ -65,22 +69,20 @@ from experiments.results_csv import (
     number,
     read_rows,
     record_settings,
+    run_settings,
     settings_conflict,
     write_rows,
 )
-from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
-from genlora_rec.train import add_training_arguments, train_config
-from genlora_rec.trainer import Trainer, evaluate
+from mpe.config import MPEConfig, add_mpe_arguments
 
 COLUMNS = (
     "dataset", "method", "kind", "setting", "seed", "bytes", "fp32_bytes", "ratio", "test_auc",
     "test_logloss", "val_auc", "best_step", "steps", "seconds",
 )
-# settings that must match for OUT to be resumed
-RUN_KEYS = ("dataset", "data", "prepared", "synthetic", "days", "drift", "data_seed", "min_count", "split",
-            "tower", "hidden", "dim", "epochs", "batch_size", "lr", "weight_decay", "patience",
-            "evals_per_epoch", "mpe_groups", "mpe_mode", "mpe_bisection_steps")
+# options that only choose which runs to do (or how to show them); every other option must
+# match for OUT to be resumed
+RUN_SELECTION = ("out", "methods", "seed", "seeds", "keep_exports", "no_progress")
 PNG, MARKDOWN, CSV = "auc_vs_size.png", "auc_vs_size.md", "results.csv"
 AGREEMENT = "mpe_seed_agreement.json"
 
@@ -119,7 +121,6 @@ def check_settings(method: Method, settings: Sequence[str], inputs: MethodInputs
             continue
         try:
             if method.kind == "pipeline":
-                from baselines.mpe_method import target_ratio
 
                 target_ratio(setting)
             elif method.kind == "train":
@@ -153,6 +154,13 @@ def export_and_measure(embedding: CompressedEmbedding, out_dir: Path) -> dict:
             f"{embedding.method}: num_bytes() says {claimed:,} but export wrote {on_disk:,} bytes to {out_dir}"
         )
     return {"bytes": on_disk, "files": files}
+
+
+def mpe_config(args: argparse.Namespace, dataset: str, setting: str, seed: int) -> MPEConfig:
+    """The MPE run of ``setting`` (``x<R>``) and ``seed``: ``MPEConfig.from_args``, as the CLI
+    builds it, at target ratio R; no fp32 comparison (the benchmark has its own fp32 rows)."""
+    cfg = MPEConfig.from_args(args, dataset=dataset, target_ratio=target_ratio(setting), lam=None)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed), fp32_baseline=False)
 
 
 class Benchmark:
@@ -245,19 +253,9 @@ class Benchmark:
         return self._row(method, setting, seed, measured["bytes"], test, info, details)
 
     def _run_pipeline(self, method: Method, setting: str, seed: int, rid: str) -> dict:
-        from baselines.mpe_method import run_setting
-        from mpe.search import MPEConfig
-
-        a = self.args
-        base = MPEConfig(
-            dataset=self.data.dataset, groups=a.mpe_groups, mode=a.mpe_mode, tower=a.tower,
-            hidden=tuple(a.hidden) if a.hidden else None, dim=a.dim, epochs=a.epochs, batch_size=a.batch_size,
-            lr=a.lr, weight_decay=a.weight_decay, patience=a.patience, evals_per_epoch=a.evals_per_epoch,
-            seed=seed, bisection_steps=a.mpe_bisection_steps, progress=not a.no_progress,
-            fp32_baseline=False,  # the benchmark's own fp32 rows are the comparison
-        )
+        cfg = mpe_config(self.args, self.data.dataset, setting, seed)
         run_dir = self.out / "mpe" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', setting)}_seed{seed}"
-        res = run_setting(self.data, setting, base, run_dir)
+        res = run_setting(self.data, cfg, run_dir)
         if res.fp32_bytes != self.fp32_bytes():
             raise RuntimeError(f"MPE's fp32 bytes {res.fp32_bytes:,} differ from the benchmark's {self.fp32_bytes():,}")
         r = res.report
@@ -460,11 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=3, help="number of seeds: --seed, --seed+1, ... (default 3)")
     g.add_argument("--keep-exports", action="store_true",
                    help="keep every run's export under OUT/exports/ (default: deleted after measuring)")
-    g = p.add_argument_group("MPE")
-    g.add_argument("--mpe-groups", type=int, default=128, help="frequency groups (default 128)")
-    g.add_argument("--mpe-mode", choices=("expected", "sample"), default="expected", help="search mode (default expected)")
-    g.add_argument("--mpe-bisection-steps", type=int, default=6,
-                   help="short searches of the lambda bisection per target ratio (default 6)")
+    add_mpe_arguments(p, prefix="mpe-")  # the method's settings x<R> give the target ratio
     p.add_argument("--out", required=True, help="output directory (results.csv, reports/, PNG, markdown)")
     return p
 
@@ -481,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    run_cfg = {k: getattr(args, k) for k in RUN_KEYS}
+    run_cfg = run_settings(args, RUN_SELECTION)
     if diff := settings_conflict(out, run_cfg):
         print(f"error: {out} holds a run with other settings {diff}; use another --out", file=sys.stderr)
         return 2

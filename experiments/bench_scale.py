@@ -9,7 +9,7 @@ prepared once (``data.sources``, cached under ``--cache-dir``). Then, for every 
 count P of ``--processes``, two jobs run, each as its own subprocess (``torchrun`` for
 P > 1: gloo, table-wise sharding), on the same prepared data, tower and global batch:
 
-- ``fp32``: ``python -m genlora_rec.train`` (one epoch);
+- ``fp32``: ``python -m ctr.train`` (one epoch);
 - ``mpe``:  ``python -m mpe.search --lambda L`` (one epoch of search, selection, one epoch
   of retrain, export; no lambda bisection).
 
@@ -73,7 +73,7 @@ def job_command(job: str, processes: int, prepared: Path, out: Path, args: argpa
               "--batch-size", str(args.batch_size), "--epochs", "1", "--embedding-optimizer", "adagrad",
               "--embedding-lr", str(args.embedding_lr), "--no-progress", "--out", str(out)]
     if job == "fp32":
-        return [*launcher, "-m", "genlora_rec.train", *common]
+        return [*launcher, "-m", "ctr.train", *common]
     return [*launcher, "-m", "mpe.search", *common, "--lambda", str(args.mpe_lambda), "--groups", str(args.groups)]
 
 

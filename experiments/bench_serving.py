@@ -135,9 +135,9 @@ def build_tables(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from torchrec.modules.embedding_configs import DataType
 
     from baselines.ptq import TorchrecPTQEmbedding
-    from genlora_rec.model import FP32Embedding, table_name
-    from mpe.export import write_packed_export
+    from ctr.model import FP32Embedding, table_name
     from mpe.quantizer import LSQQuantizer
+    from mpe.writer import write_packed_export
 
     fields = [f"f{i}" for i in range(args.fields)]
     cards = field_cardinalities(args.rows, args.fields)
@@ -179,9 +179,9 @@ def build_tables(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[str, tuple[Callable, int]]:
     """name -> (kjt -> Tensor, bytes) for each contender, loaded from the files just written."""
     from baselines.ptq import TorchrecPTQEmbedding
-    from mpe.packed import load_packed_export
+    from mpe.reader import load_packed_export
     from mpe.serving import PackedEmbeddingModule
-    from mpe.torchrec_export import build_torchrec_quant
+    from mpe.torchrec_size import build_torchrec_quant
 
     fp32, fields, offsets = built["fp32"], built["fields"], built["offsets"]
     off_t = torch.as_tensor(offsets, dtype=torch.int64)
@@ -258,11 +258,11 @@ def _child_load(kind: str, out: Path) -> dict[str, Any]:
     import torchrec  # noqa: F401  (imported before the baseline, as every loader needs it)
 
     from baselines.ptq import TorchrecPTQEmbedding
+    from ctr.model import FP32Embedding, table_name
     from data.batches import to_kjt
-    from genlora_rec.model import FP32Embedding, table_name
-    from mpe.packed import load_packed_export
+    from mpe.reader import load_packed_export
     from mpe.serving import PackedEmbeddingModule
-    from mpe.torchrec_export import build_torchrec_quant
+    from mpe.torchrec_size import build_torchrec_quant
 
     table = json.loads((out / "table.json").read_text())
     fields = [f"f{i}" for i in range(table["fields"])]

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctr.model import CTRModel, FP32Embedding
 from data.artifacts import atomic_write_json
 from data.batches import to_kjt
 from data.schema import get_schema
-from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.towers import build_tower
 from mpe.embedding import MixedPrecisionEmbedding
 from mpe.grouping import frequency_groups, group_penalty_weights

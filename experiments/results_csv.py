@@ -59,3 +59,9 @@ def settings_conflict(out: Path, settings: dict) -> dict | None:
 def record_settings(out: Path, settings: dict) -> None:
     """Write ``out/run_config.json`` atomically."""
     atomic_write_json(out / RUN_CONFIG, settings)
+
+
+def run_settings(args, run_selection: Sequence[str]) -> dict:
+    """Every option of ``args`` but those in ``run_selection`` (the ones that only choose which
+    runs to do, or how to show them): what a resumed benchmark must share with the first run."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in set(run_selection)}

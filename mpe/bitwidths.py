@@ -8,24 +8,14 @@ reported on its own). A test checks the equality against the files on disk.
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Iterable
 
 import numpy as np
 
+from encoding.sizes import MAX_BITS, bucket_code_bytes, npy_file_bytes
+from mpe.format import ID_MAP_FILE, OFFSET_FILE, STEPS_FILE, bucket_file
+
 DEFAULT_CANDIDATES: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
-MAX_BITS = 8
-FP32_BYTES = 4
-
-STEPS_FILE = "steps.npy"
-OFFSET_FILE = "offset.npy"
-ID_MAP_FILE = "id_map.npy"
-
-
-def bucket_file(bits: int) -> str:
-    """File name of the packed codes of the rows stored at ``bits`` bits."""
-    return f"bucket_b{int(bits)}.bin"
 
 
 def validate_candidates(bits: Iterable[int]) -> tuple[int, ...]:
@@ -58,41 +48,6 @@ def threshold_probability(candidates: Iterable[int]) -> float:
     return 1.0 / (2 * len(validate_candidates(candidates)))
 
 
-def code_range(bits: int) -> tuple[int, int]:
-    """Signed integer code range ``(-2^(b-1), 2^(b-1) - 1)`` of a b-bit row; (0, 0) for b = 0."""
-    if not 0 <= bits <= MAX_BITS:
-        raise ValueError(f"bit-width {bits} is outside 0..{MAX_BITS}")
-    if bits == 0:
-        return 0, 0
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def packed_row_bytes(bits: int, dim: int) -> float:
-    """Bytes of one row's codes: ``bits * dim / 8`` (rows are packed back to back, so a
-    row need not end on a byte boundary; the bucket total is rounded up once)."""
-    code_range(bits)
-    return bits * dim / 8
-
-
-def bucket_code_bytes(num_rows: int, bits: int, dim: int) -> int:
-    """Bytes of a bucket file: ``ceil(num_rows * bits * dim / 8)``."""
-    return (int(num_rows) * int(bits) * int(dim) + 7) // 8
-
-
-def npy_file_bytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
-    """Exact size of ``np.save`` of an array of this shape and dtype (header + data)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
-    )
-    return buf.tell() + int(math.prod(shape)) * np.dtype(dtype).itemsize
-
-
-def fp32_table_bytes(num_rows: int, dim: int) -> int:
-    """Bytes of the uncompressed fp32 table: ``num_rows * dim * 4``."""
-    return int(num_rows) * int(dim) * FP32_BYTES
-
-
 def bits_to_indices(bits_per_row: np.ndarray, candidates: Iterable[int]) -> np.ndarray:
     """int64 [N] candidate index of every row's bit value; ``ValueError`` for a value not in B."""
     cands = validate_candidates(candidates)
@@ -113,7 +68,7 @@ def bits_to_indices(bits_per_row: np.ndarray, candidates: Iterable[int]) -> np.n
 def packed_size_breakdown(bits_per_row: np.ndarray, dim: int, candidates: Iterable[int]) -> dict[str, int]:
     """Bytes per export file for this bit assignment (file name -> bytes, files that the
     export writes only). ``sum(values)`` is ``packed_table_bytes``."""
-    from mpe.packing import id_map_nbytes  # packing does not import this module's callers
+    from encoding.packing import id_map_nbytes  # packing does not import this module's callers
 
     cands = validate_candidates(candidates)
     idx = bits_to_indices(bits_per_row, cands)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from genlora_rec.model import DEFAULT_INIT_STD, FP32_BYTES, build_ebc, field_rows, table_name
+from ctr.model import DEFAULT_INIT_STD, FP32_BYTES, build_ebc, field_rows, table_name
 from mpe.bitwidths import DEFAULT_CANDIDATES, packed_table_bytes, validate_candidates
 from mpe.quantizer import LSQQuantizer
 

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mpe.bitwidths import DEFAULT_CANDIDATES, code_range, validate_candidates
+from encoding.sizes import code_range
+from mpe.bitwidths import DEFAULT_CANDIDATES, validate_candidates
 
 STEP_EPS = 1e-10
 ESTIMATORS = ("st", "score")

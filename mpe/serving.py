@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from ctr.model import CTRModel
 from data.artifacts import ArtifactError, load_torch, read_json, safe_child, short_error
-from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
-from mpe.packed import PackedEmbedding, load_packed_export
+from mpe.reader import PackedEmbedding, load_packed_export
 
 TOWER_FILE, TOWER_META = "tower.pt", "tower.json"
 

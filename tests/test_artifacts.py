@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from ctr.model import CTRModel, FP32Embedding, ModelConfig
+from ctr.trainer import CHECKPOINT, CHECKPOINT_META, TrainConfig, Trainer
 from data.artifacts import (
     ArtifactError,
     atomic_write_json,
@@ -29,14 +31,14 @@ from data.artifacts import (
     sha256_file,
 )
 from data.prepare import load_manifest, prepare
-from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.towers import build_tower
-from genlora_rec.trainer import CHECKPOINT, CHECKPOINT_META, TrainConfig, Trainer
-from mpe import search
+from mpe import run_dir, search
+from mpe.config import MPEConfig, SearchConfig
 from mpe.embedding import MixedPrecisionEmbedding
-from mpe.export import export_run
 from mpe.export import main as export_main
-from mpe.serving import TOWER_FILE, TOWER_META, load_served_model
+from mpe.exporter import export_model
+from mpe.format import TOWER_FILE, TOWER_META
+from mpe.serving import load_served_model
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS, CARDS, DIM = ["a", "b", "c"], [13, 7, 29], 4
@@ -75,10 +77,10 @@ def mpe_run(tmp_path) -> Path:
     model = CTRModel(emb, build_tower("dnn", len(FIELDS), DIM, (8,)))
     offsets = [0, CARDS[0], CARDS[0] + CARDS[1]]
     data = SimpleNamespace(fields=FIELDS, cardinalities=CARDS, field_offsets=offsets)
-    cfg = search.MPEConfig(dataset="criteo", groups=4, dim=DIM, hidden=(8,))
+    cfg = MPEConfig(dataset="criteo", model=ModelConfig(dim=DIM, hidden=(8,)), search=SearchConfig(groups=4))
     run = tmp_path / "run"
     run.mkdir()
-    search.save_model(model, cfg, data, run)
+    run_dir.save_model(model, cfg, data, run)
     return run
 
 
@@ -86,49 +88,49 @@ def mpe_run(tmp_path) -> Path:
 # MPE run: model.json + model.pt
 # ---------------------------------------------------------------------------------------------
 def test_mpe_model_round_trip_and_damage(mpe_run):
-    model, meta = search.load_model(mpe_run)
-    assert meta["schema_version"] == search.MODEL_SCHEMA_VERSION and model.embedding.phase == "fixed"
-    weights, meta_path = mpe_run / search.MODEL_FILE, mpe_run / search.MODEL_META
+    model, meta = run_dir.load_model(mpe_run)
+    assert meta["schema_version"] == run_dir.MODEL_SCHEMA_VERSION and model.embedding.phase == "fixed"
+    weights, meta_path = mpe_run / run_dir.MODEL_FILE, mpe_run / run_dir.MODEL_META
     good_w, good_m = weights.read_bytes(), meta_path.read_text()
 
     flip_byte(weights)
     with pytest.raises(ArtifactError, match="checksum mismatch"):
-        search.load_model(mpe_run)
+        run_dir.load_model(mpe_run)
     weights.write_bytes(good_w[: len(good_w) // 3])
     with pytest.raises(ArtifactError, match="checksum mismatch"):
-        search.load_model(mpe_run)
+        run_dir.load_model(mpe_run)
     weights.write_bytes(good_w)
 
     meta_path.write_text(good_m[: len(good_m) // 2])  # truncated JSON
     with pytest.raises(ArtifactError, match="not valid JSON"):
-        search.load_model(mpe_run)
+        run_dir.load_model(mpe_run)
     meta = json.loads(good_m)
     atomic_write_json(meta_path, {**meta, "dim": 8})  # edited without its checksum
     with pytest.raises(ArtifactError, match="checksum mismatch"):
-        search.load_model(mpe_run)
+        run_dir.load_model(mpe_run)
     atomic_write_json(meta_path, seal_json({**meta, "cardinalities": [13, 7, 30]}, "meta_sha256"))
     with pytest.raises(ArtifactError, match="does not match model.json"):  # consistent JSON, other weights
-        search.load_model(mpe_run)
+        run_dir.load_model(mpe_run)
     atomic_write_json(meta_path, seal_json({**meta, "schema_version": 1}, "meta_sha256"))
     with pytest.raises(ArtifactError, match="schema_version 1"):
-        search.load_model(mpe_run)
+        run_dir.load_model(mpe_run)
     atomic_write_json(meta_path, seal_json({k: v for k, v in meta.items() if k != "tower"}, "meta_sha256"))
     with pytest.raises(ArtifactError, match="does not match"):
-        search.load_model(mpe_run)
+        run_dir.load_model(mpe_run)
 
 
 def test_mpe_model_pickle_payload_never_runs(mpe_run, tmp_path):
     marker = tmp_path / "pwned"
-    sha = plant_pickle(mpe_run / search.MODEL_FILE, marker)
-    meta = read_json(mpe_run / search.MODEL_META)
-    atomic_write_json(mpe_run / search.MODEL_META, seal_json({**meta, "sha256": sha}, "meta_sha256"))
+    sha = plant_pickle(mpe_run / run_dir.MODEL_FILE, marker)
+    meta = read_json(mpe_run / run_dir.MODEL_META)
+    atomic_write_json(mpe_run / run_dir.MODEL_META, seal_json({**meta, "sha256": sha}, "meta_sha256"))
     with pytest.raises(ArtifactError, match="weights-only"):
-        search.load_model(mpe_run)
+        run_dir.load_model(mpe_run)
     assert not marker.exists()
 
 
 def test_export_cli_prints_one_line_for_a_damaged_run(mpe_run, capsys):
-    flip_byte(mpe_run / search.MODEL_FILE)
+    flip_byte(mpe_run / run_dir.MODEL_FILE)
     assert export_main(["--run", str(mpe_run), "--out", str(mpe_run / "export"), "--no-torchrec"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "model.pt" in err
@@ -140,7 +142,8 @@ def test_export_cli_prints_one_line_for_a_damaged_run(mpe_run, capsys):
 # ---------------------------------------------------------------------------------------------
 def test_served_tower_is_checked(mpe_run, tmp_path):
     export = mpe_run / "export"
-    export_run(mpe_run, export, torchrec=False)
+    model, meta = run_dir.load_model(mpe_run)
+    export_model(model, meta, export, torchrec=False)
     load_served_model(export)
     meta = read_json(export / TOWER_META)
 
@@ -228,7 +231,7 @@ def test_prepared_data_files_truncated(prepared_bytes, tmp_path):
 
 
 def test_training_cli_one_line_for_damaged_prepared_dir(prepared_bytes, tmp_path, capsys):
-    from genlora_rec.train import main as train_main
+    from ctr.train import main as train_main
 
     out = prepared_dir(tmp_path, prepared_bytes)
     flip_byte(out / "frequency.npy", 0.9)

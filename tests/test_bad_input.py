@@ -442,7 +442,7 @@ def test_avazu_crlf_gives_the_same_output(avazu_sample, tmp_path):
 
 
 def test_training_cli_bad_paths_and_unknown_dataset(criteo_sample, tmp_path, capsys):
-    from genlora_rec.train import main as train_main
+    from ctr.train import main as train_main
 
     common = ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--no-progress"]
     for argv, expected in [

@@ -17,11 +17,11 @@ import torch
 from baselines.base import HEADER_FILE, read_tables
 from baselines.fp32 import FP32Tables
 from baselines.registry import METHODS, MethodInputs, get_method
+from ctr.model import CTRModel
 from data.batches import to_kjt
-from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
-from mpe.export import FORMAT as PACKED_FORMAT
-from mpe.packed import load_packed_export
+from mpe.format import FORMAT as PACKED_FORMAT
+from mpe.reader import load_packed_export
 
 FIELDS = ["a", "b", "c", "d"]
 CARD = [50, 7, 300, 1200]

@@ -20,13 +20,13 @@ from baselines.base import HEADER_FILE
 from baselines.ptq import TorchrecPTQEmbedding
 from baselines.registry import MethodInputs, get_method
 from baselines.uniform import UniformLSQEmbedding
+from ctr.model import CTRModel
 from data.batches import PreparedDataset, iter_batches, to_kjt
 from data.prepare import prepare
 from data.synthetic import generate
-from genlora_rec.model import CTRModel
+from encoding.sizes import bucket_code_bytes, npy_file_bytes
 from genlora_rec.towers import build_tower
-from mpe.bitwidths import bucket_code_bytes, npy_file_bytes
-from mpe.packed import load_packed_export
+from mpe.reader import load_packed_export
 
 DIM = 16  # the project default; at D = 8 torchrec stores INT8, INT4 and INT2 rows in 16 bytes alike
 QUANT = ["lsq", "ptq", "alpt"]

@@ -26,11 +26,11 @@ from baselines.hashing import (
 )
 from baselines.pep import ENCODINGS, PEPEmbedding, best_encoding, encoding_bytes
 from baselines.registry import MethodInputs, get_method
+from ctr.model import CTRModel
 from data.batches import PreparedDataset, to_kjt
 from data.prepare import prepare
 from data.synthetic import generate
 from data.transforms import splitmix64
-from genlora_rec.model import CTRModel
 from genlora_rec.towers import build_tower
 
 DIM = 8

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from ctr import distributed
+from ctr.distributed import DistEnv
+from ctr.model import field_rows
 from data.batches import SplitArrays, iter_batches
-from genlora_rec import distributed
-from genlora_rec.distributed import DistEnv
-from genlora_rec.model import field_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,9 +77,9 @@ def test_embedding_optimizer_choice():
 
 def test_single_process_in_backward_table_optimizer_trains_and_leaves_the_model_plain():
     """--embedding-optimizer adagrad in one process: tables stepped in backward, on a copy."""
-    from genlora_rec.model import CTRModel, FP32Embedding
+    from ctr.model import CTRModel, FP32Embedding
+    from ctr.trainer import TrainConfig, Trainer
     from genlora_rec.towers import build_tower
-    from genlora_rec.trainer import TrainConfig, Trainer
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 20, size=(600, 2)).astype(np.int32)

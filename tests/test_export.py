@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from data.artifacts import ArtifactError
-from mpe.bitwidths import bucket_file, fp32_table_bytes, packed_size_breakdown, packed_table_bytes
-from mpe.export import header_digest, write_packed_export
-from mpe.packed import load_packed_export
+from encoding.sizes import fp32_table_bytes
+from encoding.torchrec_rows import torchrec_row_bytes
+from mpe.bitwidths import packed_size_breakdown, packed_table_bytes
+from mpe.format import bucket_file, header_digest
 from mpe.quantizer import LSQQuantizer
-from mpe.torchrec_export import build_torchrec_quant, torchrec_quantized_bytes, torchrec_row_bytes
+from mpe.reader import load_packed_export
+from mpe.torchrec_size import build_torchrec_quant, torchrec_quantized_bytes
+from mpe.writer import write_packed_export
 
 CANDS = (0, 1, 2, 3, 4, 5, 6, 8)
 N, DIM = 3001, 7

@@ -25,8 +25,7 @@ from hypothesis import strategies as st
 from data.prepare import make_reader
 from data.reader import RawFormatError, RawReader
 from data.schema import AVAZU, CRITEO
-from mpe.packed import _gather_codes
-from mpe.packing import (
+from encoding.packing import (
     decode_id_map,
     ef_decode,
     ef_encode,
@@ -37,6 +36,7 @@ from mpe.packing import (
     unpack_codes,
     unpack_unsigned,
 )
+from mpe.reader import _gather_codes
 
 FUZZ_ENV = os.environ.get("FUZZ_EXAMPLES")
 EXAMPLES = int(FUZZ_ENV) if FUZZ_ENV else 40

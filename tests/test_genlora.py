@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genlora_rec.genlora import GenLoRAConfig, GenLoRALinear, RBFBasisGenerator
-from genlora_rec.lora import AdapterLinear, LoRAConfig
-from genlora_rec.rank import (
+from genlora_rec.effective_rank import (
     effective_rank,
     genlora_matrix_parameter_count,
     genlora_parameter_count,
     lora_parameter_count,
 )
+from genlora_rec.genlora import GenLoRAConfig, GenLoRALinear, RBFBasisGenerator
+from genlora_rec.lora import AdapterLinear, LoRAConfig
 
 VARIANTS = [None, 3]  # one RBF per basis vector / K=3 shared RBFs + mixing
 

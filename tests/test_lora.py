@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from genlora_rec.effective_rank import lora_parameter_count
 from genlora_rec.lora import LoRAConfig, LoRALinear
-from genlora_rec.rank import lora_parameter_count
 
 
 def _layer(d_in: int = 12, d_out: int = 7, **cfg) -> LoRALinear:

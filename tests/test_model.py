@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from ctr.model import CTRModel, FP32Embedding
+from ctr.trainer import NonFiniteLossError, TrainConfig, Trainer, evaluate
 from data.batches import SplitArrays, iter_batches, to_kjt
-from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.towers import build_tower
-from genlora_rec.trainer import NonFiniteLossError, TrainConfig, Trainer, evaluate
 
 FIELDS = ["a", "b", "c"]
 CARD = [7, 11, 5]

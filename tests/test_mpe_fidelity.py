@@ -1,13 +1,16 @@
 """MPE behaves like the paper: frequency decides the bits, seeds agree, unseen rows are pruned."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
 from data import sources
-from mpe import search
+from mpe import pipeline, search
 from mpe.bitwidths import packed_table_bytes
+from mpe.config import MPEConfig
 from mpe.embedding import MixedPrecisionEmbedding
 from mpe.grouping import group_frequencies, spearman
 
@@ -48,11 +51,11 @@ def test_selection_follows_frequency_and_is_stable_across_seeds(tmp_path):
     data = sources.resolve(args, progress=False)
     chosen, correlations = [], []
     for seed in (2022, 2023):
-        cfg = search.config_from_args(args)
-        cfg.seed, cfg.dataset = seed, data.dataset
-        model = search.build_model(data, cfg)
-        search.search(model, data, cfg, out=None)
-        bits, _ = search.select(model, data, cfg, None)
+        cfg = MPEConfig.from_args(args, dataset=data.dataset)
+        cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+        model = pipeline.build_model(data, cfg)
+        pipeline.search(model, data, cfg, out=None)
+        bits, _ = pipeline.select(model, data, cfg, None)
         emb = model.embedding
         gfreq = group_frequencies(data.frequency(), emb.group_of_row.numpy())
         seen = ~emb.pruned_groups()

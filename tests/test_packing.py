@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpe.packing import (
+from encoding.packing import (
     decode_id_map,
     ef_decode,
     ef_encode,

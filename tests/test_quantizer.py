@@ -5,13 +5,8 @@ import math
 import pytest
 import torch
 
-from mpe.bitwidths import (
-    DEFAULT_CANDIDATES,
-    code_range,
-    packed_row_bytes,
-    threshold_probability,
-    validate_candidates,
-)
+from encoding.sizes import code_range, packed_row_bytes
+from mpe.bitwidths import DEFAULT_CANDIDATES, threshold_probability, validate_candidates
 from mpe.quantizer import LSQQuantizer, gumbel_like
 
 CANDS = (0, 1, 2, 3, 4, 6, 8)

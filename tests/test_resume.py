@@ -24,18 +24,13 @@ import pytest
 import torch
 from torch import nn
 
+from ctr.model import CTRModel, FP32Embedding
+from ctr.trainer import CHECKPOINT, CHECKPOINT_META, NonFiniteLossError, TrainConfig, Trainer
 from data.artifacts import ArtifactError, atomic_write_json, read_json
 from data.batches import SplitArrays
-from genlora_rec.model import CTRModel, FP32Embedding
 from genlora_rec.towers import build_tower
-from genlora_rec.trainer import (
-    CHECKPOINT,
-    CHECKPOINT_META,
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-)
-from mpe import search
+from mpe import run_dir
+from mpe.config import MPEConfig, SearchConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "criteo", "--synthetic", "8000", "--hidden", "16", "--batch-size", "400", "--groups", "8",
@@ -225,19 +220,19 @@ def test_nan_predictions_stop_at_the_validation(tmp_path):
 # mpe.search stages.json
 # ---------------------------------------------------------------------------------------------
 def test_stages_refuse_other_settings_and_edits(tmp_path):
-    cfg = search.MPEConfig(dataset="criteo", groups=8, epochs=2)
+    cfg = MPEConfig(search=SearchConfig(groups=8), train=TrainConfig(epochs=2))
     path = tmp_path / "stages.json"
-    search._save_stages(path, {"bits": [1] * 8, "selection": {"strategy": "threshold"}}, cfg)
-    assert search._load_stages(path, cfg)["bits"] == [1] * 8
-    assert search._load_stages(path, search.MPEConfig(dataset="criteo", groups=8, epochs=2, progress=False))
-    with pytest.raises(ArtifactError, match=r"other settings \(epochs, groups differ\)"):
-        search._load_stages(path, search.MPEConfig(dataset="criteo", groups=16, epochs=3))
+    run_dir._save_stages(path, {"bits": [1] * 8, "selection": {"strategy": "threshold"}}, cfg)
+    assert run_dir._load_stages(path, cfg)["bits"] == [1] * 8
+    assert run_dir._load_stages(path, MPEConfig(search=SearchConfig(groups=8), train=TrainConfig(epochs=2, progress=False)))
+    with pytest.raises(ArtifactError, match=r"other settings \(search.groups, train.epochs differ\)"):
+        run_dir._load_stages(path, MPEConfig(search=SearchConfig(groups=16), train=TrainConfig(epochs=3)))
     stages = read_json(path)
     stages["bits"] = [6] * 8
     atomic_write_json(path, stages)
     with pytest.raises(ArtifactError, match="checksum mismatch"):
-        search._load_stages(path, cfg)
+        run_dir._load_stages(path, cfg)
     path.write_text('{"bits": [1, 2')  # truncated
     with pytest.raises(ArtifactError, match="not valid JSON"):
-        search._load_stages(path, cfg)
-    assert search._load_stages(tmp_path / "absent.json", cfg) == {}
+        run_dir._load_stages(path, cfg)
+    assert run_dir._load_stages(tmp_path / "absent.json", cfg) == {}

@@ -26,16 +26,19 @@ import torch
 from torch import Tensor
 
 from data.artifacts import ArtifactError, load_npy, read_json, safe_child, verify_sha256
-from mpe.bitwidths import (
+from encoding.packing import KIND_IMPLICIT, IdSet, decode_id_map, unpack_codes
+from encoding.sizes import bucket_code_bytes
+from mpe.bitwidths import validate_candidates
+from mpe.format import (
+    FORMAT,
+    HEADER_FILE,
     ID_MAP_FILE,
     OFFSET_FILE,
+    SCHEMA_VERSION,
     STEPS_FILE,
-    bucket_code_bytes,
     bucket_file,
-    validate_candidates,
+    header_digest,
 )
-from mpe.export import FORMAT, HEADER_FILE, SCHEMA_VERSION, header_digest
-from mpe.packing import KIND_IMPLICIT, IdSet, decode_id_map, unpack_codes
 from mpe.quantizer import _dequant
 
 LOCATOR_BLOCK = 256  # rows per block of the in-memory locator (the in-block rank fits a byte)

@@ -26,6 +26,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from ctr import distributed
+from ctr.distributed import DistEnv
 from data.artifacts import (
     ArtifactError,
     atomic_torch_save,
@@ -36,8 +38,6 @@ from data.artifacts import (
     short_error,
 )
 from data.batches import SplitArrays, iter_batches, num_batches
-from genlora_rec import distributed
-from genlora_rec.distributed import DistEnv
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_META = "checkpoint.json"

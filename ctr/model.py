@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,8 +15,26 @@ from torchrec import (
     PoolingType,
 )
 
-FP32_BYTES = 4
+from encoding.sizes import FP32_BYTES, fp32_table_bytes
+from genlora_rec.towers import build_tower
+
 DEFAULT_INIT_STD = 0.003  # the MPE reference's N(0, 0.003) embedding init
+
+
+@dataclass
+class ModelConfig:
+    """The dense tower and the embedding width of a CTR model.
+
+    ``hidden``: the tower's hidden sizes (None: the tower's own default).
+    """
+
+    tower: str = "dnn"
+    hidden: tuple[int, ...] | None = None
+    dim: int = 16
+
+    def build_tower(self, num_fields: int) -> nn.Module:
+        """A fresh tower for ``num_fields`` fields of ``dim``-wide rows: [B, F, D] -> logits [B]."""
+        return build_tower(self.tower, num_fields, self.dim, self.hidden)
 
 
 def table_name(field: str) -> str:
@@ -91,7 +110,7 @@ class FP32Embedding(nn.Module):
 
     def num_bytes(self) -> int:
         """Bytes of the fp32 tables as stored: rows x dim x 4."""
-        return self.num_rows() * self.dim * FP32_BYTES
+        return fp32_table_bytes(self.num_rows(), self.dim)
 
     def global_weight(self) -> torch.Tensor:
         """All fields' rows concatenated in field order: Tensor[N, D] (a copy)."""
@@ -121,4 +140,4 @@ class CTRModel(nn.Module):
         """fp32 bytes of the tower's parameters and buffers (BatchNorm statistics included)."""
         n = sum(p.numel() for p in self.tower.parameters())
         n += sum(b.numel() for b in self.tower.buffers() if b.is_floating_point())
-        return n * FP32_BYTES
+        return n * FP32_BYTES  # fp32 parameters

@@ -1,0 +1,138 @@
+"""The one configuration of an MPE run, built the same way by every entry point.
+
+``MPEConfig`` composes the model (``ctr.model.ModelConfig``), the training settings
+(``ctr.trainer.TrainConfig``) and what the search adds (``SearchConfig``).
+``MPEConfig.from_args`` builds it from the options of ``ctr.options.add_training_arguments``
+and ``add_mpe_arguments``; ``mpe.search``, ``experiments.auc_vs_size`` and
+``experiments.adapt`` all call it, so the benchmarks measure the MPE the CLI runs. The
+argparse defaults are the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from ctr.model import ModelConfig
+from ctr.options import model_config, train_config
+from ctr.trainer import TrainConfig
+from data.schema import get_schema
+from mpe.bitwidths import DEFAULT_CANDIDATES, validate_candidates
+from mpe.embedding import MODES
+
+DEFAULT_LAMBDA = {"criteo": 3e-4, "avazu": 2e-6}  # the paper's
+DEFAULT_L2 = {"criteo": 3e-6, "avazu": 0.0}  # L2 on rows and tower, the paper's
+SELECTIONS = ("threshold", "argmax", "budgeted")
+
+
+@dataclass
+class SearchConfig:
+    """What MPE adds to training: groups, candidates, the size penalty and the selection.
+
+    ``lam`` None: the dataset's ``DEFAULT_LAMBDA``. ``target_ratio``: find lambda so the
+    export is about R x smaller than fp32 (bisection over ``bisection_steps`` short searches
+    on ``bisection_fraction`` of the training split).
+    """
+
+    lam: float | None = None
+    target_ratio: float | None = None
+    groups: int = 128
+    candidates: tuple[int, ...] = DEFAULT_CANDIDATES
+    mode: str = "expected"
+    tau: float = 3e-3
+    selection: str = "threshold"
+    samples: int = 16
+    bisection_steps: int = 6
+    bisection_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        self.candidates = validate_candidates(self.candidates)
+        if self.mode not in MODES:
+            raise ValueError(f"unknown search mode {self.mode!r}; expected one of {MODES}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
+        if self.groups < 1:
+            raise ValueError(f"--groups must be >= 1, got {self.groups}")
+
+
+@dataclass
+class MPEConfig:
+    """Everything that defines an MPE run besides the data.
+
+    ``train.weight_decay`` is the L2 on rows and tower (the precision logits, steps and
+    offset have none); ``fp32_baseline``: also train the fp32 model of the same settings for
+    comparison (cached, see ``mpe.pipeline.fp32_baseline``).
+    """
+
+    dataset: str = "criteo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(weight_decay=DEFAULT_L2["criteo"]))
+    search: SearchConfig = field(default_factory=SearchConfig)
+    fp32_baseline: bool = True
+
+    def lambda_value(self) -> float:
+        """lambda, or the dataset's default when none was given."""
+        return self.search.lam if self.search.lam is not None else DEFAULT_LAMBDA[self.dataset]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, dataset: str | None = None, **search_overrides) -> MPEConfig:
+        """The config of parsed ``add_training_arguments`` + ``add_mpe_arguments`` options.
+
+        ``dataset``: the resolved dataset name (default ``args.dataset``); ``--weight-decay``
+        absent means the dataset's ``DEFAULT_L2``. ``search_overrides`` replace search fields
+        (a benchmark's target ratio, say).
+        """
+        name = get_schema(dataset or args.dataset).name  # ValueError naming the known datasets
+        search = SearchConfig(
+            lam=args.lam, target_ratio=args.target_ratio, groups=args.groups, candidates=tuple(args.bits),
+            mode=args.mode, tau=args.tau, selection=args.selection, samples=args.samples,
+            bisection_steps=args.bisection_steps, bisection_fraction=args.bisection_fraction,
+        )
+        return cls(
+            dataset=name, model=model_config(args), train=train_config(args, weight_decay=DEFAULT_L2[name]),
+            search=dataclasses.replace(search, **search_overrides),
+            fp32_baseline=not getattr(args, "no_fp32_baseline", False),
+        )
+
+    def settings(self) -> dict:
+        """The settings a resumed run must share with the interrupted one (JSON form): all
+        fields but the progress display and the fp32 comparison."""
+        d = dataclasses.asdict(self)
+        d.pop("fp32_baseline")
+        d["train"].pop("progress")
+        return json.loads(json.dumps(d))
+
+
+_SEARCH = SearchConfig()
+
+
+def add_mpe_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The MPE options; ``prefix`` (``"mpe-"`` in the benchmarks) only renames the flags,
+    the destinations stay the same so ``MPEConfig.from_args`` reads them alike."""
+    g = parser.add_argument_group("MPE")
+    s = _SEARCH
+
+    def add(flag: str, **kw) -> None:
+        g.add_argument(f"--{prefix}{flag}", **kw)
+
+    add("lambda", dest="lam", type=float, default=s.lam,
+        help=f"size-penalty coefficient (default per dataset: {DEFAULT_LAMBDA})")
+    add("target-ratio", dest="target_ratio", type=float, default=s.target_ratio,
+        help="find lambda so the export is ~R x smaller than fp32")
+    add("groups", dest="groups", type=int, default=s.groups, help=f"frequency groups (default {s.groups})")
+    add("bits", dest="bits", type=int, nargs="+", default=list(s.candidates),
+        help=f"candidate bit-widths (default {' '.join(map(str, s.candidates))}; 0 = pruned)")
+    add("mode", dest="mode", choices=MODES, default=s.mode,
+        help=f"search mode: expected mixture (reference) or Gumbel sample (default {s.mode})")
+    add("tau", dest="tau", type=float, default=s.tau,
+        help=f"softmax temperature of the precision logits (default {s.tau:g})")
+    add("selection", dest="selection", choices=SELECTIONS, default=s.selection,
+        help=f"how bits are chosen from the distributions (default {s.selection})")
+    add("samples", dest="samples", type=int, default=s.samples,
+        help=f"budgeted selection: assignments drawn (default {s.samples})")
+    add("bisection-steps", dest="bisection_steps", type=int, default=s.bisection_steps,
+        help=f"--target-ratio: short searches of the lambda bisection (default {s.bisection_steps})")
+    add("bisection-fraction", dest="bisection_fraction", type=float, default=s.bisection_fraction,
+        help=f"--target-ratio: share of the training split each short search sees (default {s.bisection_fraction:g})")
