@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 ROWS ?= 200000
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -14,8 +14,6 @@ the JSON config needed to rebuild the module, and per file its bytes and sha256)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -32,8 +30,10 @@ from data.artifacts import (
     ArtifactError,
     atomic_write_json,
     atomic_write_npy,
+    json_digest,
     load_npy,
     read_json,
+    replace_dir,
     safe_child,
     sha256_file,
 )
@@ -42,6 +42,10 @@ from encoding.sizes import npy_file_bytes
 FORMAT = "ctr-compressed-tables"
 SCHEMA_VERSION = 1
 HEADER_FILE = "header.json"
+HEADER_DIGEST = "header_sha256"
+# This format's header_sha256 is over json.dumps' default separators (not the compact ones of
+# ``data.artifacts.json_digest``); exports on disk depend on it.
+HEADER_SEPARATORS = (", ", ": ")
 
 
 class CompressedEmbedding(nn.Module):
@@ -102,19 +106,7 @@ class CompressedEmbedding(nn.Module):
 
 
 def _digest(header: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in header.items() if k != "header_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move directory ``new`` to ``target``, replacing an existing ``target``."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / "d")
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    return json_digest(header, HEADER_DIGEST, separators=HEADER_SEPARATORS)
 
 
 def write_tables(
@@ -145,7 +137,7 @@ def write_tables(
             "files": files,
             "total_bytes": int(sum(f["bytes"] for f in files.values())),
         }
-        header["header_sha256"] = _digest(header)
+        header[HEADER_DIGEST] = _digest(header)
         atomic_write_json(tmp / HEADER_FILE, header)
         replace_dir(tmp, out)
     except BaseException:
@@ -166,7 +158,7 @@ def read_tables(export_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         raise ArtifactError(f"{path}: not a {FORMAT} export")
     if header.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{path}: unsupported schema_version {header.get('schema_version')!r} (reader knows {SCHEMA_VERSION})")
-    if header.get("header_sha256") != _digest(header):
+    if header.get(HEADER_DIGEST) != _digest(header):
         raise ArtifactError(f"{path}: header checksum mismatch; the header was edited or is corrupted")
     arrays = {}
     for fname, info in header["files"].items():

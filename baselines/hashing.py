@@ -49,12 +49,9 @@ from baselines.budget import budget_bytes, parse_ratio
 from baselines.registry import Method, MethodInputs
 from baselines.remapped import RemappedTables, StoredTable
 from ctr.model import DEFAULT_INIT_STD
-from data.transforms import splitmix64
+from data.transforms import SPLITMIX64_GOLDEN, SPLITMIX64_M1, SPLITMIX64_M2, splitmix64
 from encoding.sizes import npy_file_bytes
 
-_GOLDEN = 0x9E3779B97F4A7C15
-_M1 = 0xBF58476D1CE4E5B9
-_M2 = 0x94D049BB133111EB
 _MAX_BUCKETS = 1 << 31  # multiply-shift on 32 bits: (h32 * b) must fit in int64
 
 
@@ -70,9 +67,9 @@ def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
 
 def splitmix64_torch(x: torch.Tensor) -> torch.Tensor:
     """int64 tensor -> int64 tensor with the bits of ``data.transforms.splitmix64`` (wrapping arithmetic)."""
-    z = x.to(torch.int64) + _signed(_GOLDEN)
-    z = (z ^ _srl(z, 30)) * _signed(_M1)
-    z = (z ^ _srl(z, 27)) * _signed(_M2)
+    z = x.to(torch.int64) + _signed(SPLITMIX64_GOLDEN)
+    z = (z ^ _srl(z, 30)) * _signed(SPLITMIX64_M1)
+    z = (z ^ _srl(z, 27)) * _signed(SPLITMIX64_M2)
     return z ^ _srl(z, 31)
 
 

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baselines.registry import Method
+from ctr.trainer import REPORT_FILE
 from data.artifacts import read_json
 from data.batches import PreparedDataset
 from mpe.config import MPEConfig
 from mpe.format import HEADER_FILE
 from mpe.pipeline import run
-from mpe.run_dir import EXPORT_DIR, REPORT_FILE
+from mpe.run_dir import EXPORT_DIR
 
 _SETTING = re.compile(r"x(\d+(?:\.\d+)?)")
 

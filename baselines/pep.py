@@ -212,11 +212,6 @@ class PEPEmbedding(CompressedEmbedding):
         out[keep] = flat[keep]
         return torch.from_numpy(out.reshape(table.shape)).to(table.device)
 
-    def sparsity(self) -> float:
-        """Fraction of pruned (zero) entries of the effective table."""
-        table = self.effective_table()
-        return 1.0 - int(torch.count_nonzero(table)) / table.numel()
-
     # -- forward ---------------------------------------------------------------------------
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         if list(kjt.keys()) != self.fields:

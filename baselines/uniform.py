@@ -29,11 +29,9 @@ from baselines.base import CompressedEmbedding
 from baselines.registry import Method, MethodInputs
 from ctr.model import DEFAULT_INIT_STD
 from ctr.trainer import trainable_parameters
-from encoding.packing import encode_id_map
 from mpe.bitwidths import packed_table_bytes
 from mpe.embedding import MixedPrecisionEmbedding
-from mpe.format import ID_MAP_FILE, OFFSET_FILE, STEPS_FILE, bucket_file
-from mpe.writer import bucket_codes, write_packed_export
+from mpe.writer import write_packed_export
 
 SETTINGS = ("8", "6", "4", "2")
 
@@ -83,20 +81,6 @@ class UniformLSQEmbedding(CompressedEmbedding, MixedPrecisionEmbedding):
     def num_bytes(self) -> int:
         """Payload bytes of the bit-packed export (codes + steps + offset + id map)."""
         return packed_table_bytes(self.bits_per_row(), self.dim, self.candidates)
-
-    def export_arrays(self) -> dict[str, np.ndarray]:
-        """The export's payload files (name without extension -> array as written)."""
-        weight = self.global_weight()
-        rows = np.arange(self.num_rows(), dtype=np.int64)
-        with torch.no_grad():
-            steps = self.quantizer.steps().detach().to(torch.float32).numpy()
-            offset = self.quantizer.beta.detach().to(torch.float32).numpy()
-        return {
-            bucket_file(self.bits).removesuffix(".bin"): bucket_codes(weight, rows, 0, self.quantizer),
-            STEPS_FILE.removesuffix(".npy"): steps,
-            OFFSET_FILE.removesuffix(".npy"): offset,
-            ID_MAP_FILE.removesuffix(".npy"): encode_id_map(np.zeros(self.num_rows(), dtype=np.int64), 1),
-        }
 
     def export_config(self) -> dict[str, Any]:
         return {"bits": self.bits, "cardinalities": list(self.cardinalities)}

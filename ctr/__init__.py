@@ -1,5 +1,5 @@
 """The CTR model core every method shares: model assembly (embedding + tower), the trainer,
-multi-process training, the shared command-line options and the fp32 CLI (``python -m ctr.train``)."""
+multi-process training, the shared command-line options and the fp32 CLI (``python -m ctr.train_fp32``)."""
 
 from ctr.model import CTRModel, FP32Embedding, ModelConfig
 from ctr.trainer import FitResult, NonFiniteLossError, TrainConfig, Trainer, evaluate, predict

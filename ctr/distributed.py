@@ -221,7 +221,7 @@ def eval_slices(rows: int, env: DistEnv) -> tuple[np.ndarray, int]:
     return np.concatenate([mine, np.full(length - real, fill, dtype=np.int64)]), real
 
 
-def gather_predictions(local: torch.Tensor, real: int, rows: int, env: DistEnv) -> np.ndarray:
+def gather_predictions(local: torch.Tensor, rows: int, env: DistEnv) -> np.ndarray:
     """float64 [rows]: every rank's padded predictions gathered, padding dropped, in split order."""
     local = local.to(env.device)
     gathered = [torch.empty_like(local) for _ in range(env.world_size)]
@@ -242,7 +242,7 @@ def average_batchnorm_stats(model: nn.Module, env: DistEnv) -> None:
                         buf.div_(env.world_size)
 
 
-def all_finite(value: float, env: DistEnv | None) -> float:
+def mean_over_ranks(value: float, env: DistEnv | None) -> float:
     """The mean of ``value`` over the ranks (NaN when any rank's is NaN or infinite)."""
     if env is None:
         return value

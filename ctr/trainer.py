@@ -40,6 +40,7 @@ from data.artifacts import (
 from data.batches import SplitArrays, iter_batches, num_batches
 
 CHECKPOINT = "checkpoint.pt"
+REPORT_FILE = "report.json"  # the summary every run directory holds
 CHECKPOINT_META = "checkpoint.json"
 
 
@@ -341,10 +342,10 @@ class Trainer:
         if self.dist is None:
             return evaluate(self.model, split, fields, self.config.eval_batch_size)
         distributed.average_batchnorm_stats(distributed.unwrap(self.model), self.dist)
-        index, real = distributed.eval_slices(len(split), self.dist)
+        index, _ = distributed.eval_slices(len(split), self.dist)
         local = torch.from_numpy(predict(self.model, split.subset(index), fields, self.config.eval_batch_size,
                                          device=self.dist.device))
-        probs = distributed.gather_predictions(local, real, len(split), self.dist)
+        probs = distributed.gather_predictions(local, len(split), self.dist)
         return metrics(split.labels, probs)
 
     def _last_good(self) -> str:
@@ -365,7 +366,7 @@ class Trainer:
         extra = getattr(distributed.unwrap(self.model), "extra_loss", None)
         if extra is not None and (penalty := extra()) is not None:
             loss = loss + penalty
-        value = distributed.all_finite(float(loss.detach()), self.dist)  # every rank stops together
+        value = distributed.mean_over_ranks(float(loss.detach()), self.dist)  # every rank stops together
         if not math.isfinite(value):
             raise NonFiniteLossError(f"training loss became {value} at step {step + 1}{self._last_good()}")
         loss.backward()

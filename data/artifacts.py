@@ -1,8 +1,9 @@
 """Safe artefact files: atomic writes, checksums, JSON headers, path confinement.
 
 Every file the toolkit writes goes through ``atomic_write_*`` (write to a temporary
-file in the same directory, fsync, rename), and every file it reads back is checked
-with ``verify_sha256``. Nothing here unpickles.
+file in the same directory, fsync, rename), every directory it replaces as a whole goes
+through ``replace_dir``, every JSON file that checksums itself through ``json_digest``,
+and every file it reads back is checked with ``verify_sha256``. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,24 @@ def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move directory ``new`` to ``target``, replacing an existing ``target`` directory.
+
+    ``new`` must be on ``target``'s file system (build it as a sibling of ``target``). An
+    existing ``target`` is first renamed into a fresh hidden sibling directory, then ``new``
+    is renamed to ``target`` and the old one deleted, so ``target`` is always either the
+    old or the whole new directory.
+    """
+    new, target = Path(new), Path(target)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "d")
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -91,13 +111,20 @@ def short_error(e: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def json_digest(obj: dict[str, Any], key: str) -> str:
-    """sha256 of ``obj``'s canonical JSON without its field ``key`` (a JSON file's checksum of itself)."""
+COMPACT_SEPARATORS = (",", ":")  # the canonical form of ``json_digest`` (unless a format says otherwise)
+
+
+def json_digest(obj: Mapping[str, Any], key: str, separators: tuple[str, str] = COMPACT_SEPARATORS) -> str:
+    """sha256 of ``obj``'s canonical JSON without its field ``key`` (a JSON file's checksum of itself).
+
+    Canonical JSON: keys sorted, ``separators`` between items and after keys (compact by
+    default). The one implementation of every ``*_sha256`` a JSON file holds of itself.
+    """
     body = {k: v for k, v in obj.items() if k != key}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=separators).encode()).hexdigest()
 
 
-def seal_json(obj: dict[str, Any], key: str) -> dict[str, Any]:
+def seal_json(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
     """``obj`` with ``obj[key]`` set to its ``json_digest`` (write it with ``atomic_write_json``)."""
     out = dict(obj)
     out[key] = json_digest(out, key)

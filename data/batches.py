@@ -18,8 +18,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.artifacts import ArtifactError, load_npy
-
-SPLITS = ("train", "val", "test")
+from data.manifest import FREQUENCY_FILE, load_manifest, split_file
+from data.transforms import SPLIT_NAMES
 
 
 @dataclass
@@ -46,8 +46,6 @@ class PreparedDataset:
     """A directory written by ``data.prepare``; every file's checksum is verified on open."""
 
     def __init__(self, root: str | os.PathLike):
-        from data.prepare import load_manifest
-
         self.root = Path(root)
         self.manifest: dict = load_manifest(self.root)
         self.fields: list[str] = list(self.manifest["fields"])
@@ -59,10 +57,10 @@ class PreparedDataset:
 
     def split(self, name: str) -> SplitArrays:
         """Load split ``name`` ('train', 'val' or 'test') as int32 ids and float32 labels."""
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLIT_NAMES}")
         if name not in self._cache:
-            path = self.root / f"{name}.parquet"
+            path = self.root / split_file(name)
             table = pq.read_table(path, columns=["label", *self.fields])
             if table.num_rows == 0:
                 ids = np.zeros((0, len(self.fields)), dtype=np.int32)
@@ -81,11 +79,10 @@ class PreparedDataset:
 
     def frequency(self) -> np.ndarray:
         """int64 [num_features]: train-split count of every global feature id."""
-        freq = load_npy(self.root / "frequency.npy", self.manifest["files"]["frequency.npy"])
+        path = self.root / FREQUENCY_FILE
+        freq = load_npy(path, self.manifest["files"][FREQUENCY_FILE])
         if freq.shape != (self.num_features,):
-            raise ArtifactError(
-                f"{self.root / 'frequency.npy'}: shape {freq.shape}, expected ({self.num_features},)"
-            )
+            raise ArtifactError(f"{path}: shape {freq.shape}, expected ({self.num_features},)")
         return freq
 
 

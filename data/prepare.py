@@ -10,14 +10,8 @@ Two passes over the file, both streamed block by block with pyarrow (``data.read
 2. encode every block (vectorised lookups of 64-bit string keys with ``np.searchsorted``),
    assign each row to train / val / test and append it to the split's parquet file.
 
-Output directory (the contract the rest of the toolkit reads; see ``load_manifest``)::
-
-    train.parquet, val.parquet, test.parquet  label (int8) + one int32 column per field (local ids)
-    vocab.parquet     field, value, id (int32), count (int64); one "<OOV>" row (id 0) per field
-    frequency.npy     int64 [num_features]: train-split count of each global id
-                      (global id = field_offsets[field] + local id)
-    manifest.json     fields, cardinalities, offsets, parameters, input identity, row counts,
-                      skipped rows, click rates, sha256 of every file, seconds
+Output directory: the contract the rest of the toolkit reads, described and validated in
+``data.manifest`` (split parquet files, ``vocab.parquet``, ``frequency.npy``, ``manifest.json``).
 
 The output is built in a hidden sibling directory and renamed into place when complete. A
 second run with the same input file (path, size, mtime) and parameters reuses it.
@@ -50,16 +44,24 @@ from data.artifacts import (
     ArtifactError,
     atomic_write_json,
     atomic_write_npy,
-    json_digest,
-    read_json,
-    safe_child,
+    replace_dir,
     seal_json,
     sha256_file,
-    verify_sha256,
+)
+from data.manifest import (
+    FREQUENCY_FILE,
+    MANIFEST_DIGEST,
+    MANIFEST_FILE,
+    OUTPUT_FILES,
+    SCHEMA_VERSION,
+    VOCAB_FILE,
+    load_manifest,
+    split_file,
 )
 from data.reader import DEFAULT_BLOCK_SIZE, ON_BAD_ROWS, RawBlock, RawFormatError, RawReader
-from data.schema import AVAZU_TIME_FIELDS, CRITEO, DatasetSchema, get_schema
+from data.schema import AVAZU_TIME_FIELDS, CRITEO, SCHEMAS, DatasetSchema, get_schema
 from data.transforms import (
+    SPLIT_METHODS,
     SPLIT_NAMES,
     avazu_hour_bad,
     avazu_hour_fields,
@@ -69,11 +71,7 @@ from data.transforms import (
     time_split,
 )
 
-SCHEMA_VERSION = 2  # 2: manifest_sha256, the manifest's checksum of itself
-MANIFEST_DIGEST = "manifest_sha256"
-SPLITS = ("random", "time")
 OOV_VALUE = "<OOV>"
-OUTPUT_FILES = ("train.parquet", "val.parquet", "test.parquet", "vocab.parquet", "frequency.npy")
 _SORTED_QUERIES_ABOVE = 1 << 16
 _HOUR_CHECK = (avazu_hour_bad, "an hour as YYMMDDHH (e.g. 14102100)")
 
@@ -367,7 +365,7 @@ def encode_pass(
     pa_schema = split_schema(fields)
     num_features = int(offsets[-1] + vocabs[-1].cardinality) if vocabs else 0
     stats = _SplitStats(np.zeros(3, np.int64), np.zeros(3, np.int64), np.zeros(num_features, np.int64))
-    writer = _SplitWriter([out_dir / f"{name}.parquet" for name in SPLIT_NAMES], pa_schema)
+    writer = _SplitWriter([out_dir / split_file(name) for name in SPLIT_NAMES], pa_schema)
     bar = _progress(f"{schema.name} 2/2 encoding", reader.size, progress)
     try:
         with bar:
@@ -461,57 +459,15 @@ def _encode_block(
 
 
 # ---------------------------------------------------------------------------------------------
-# manifest, reuse, atomic replacement
+# reuse of a previous output
 # ---------------------------------------------------------------------------------------------
-def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read ``manifest.json`` of a prepared directory and verify every listed file's sha256.
-
-    The manifest's own checksum (``manifest_sha256``), its schema version and the shape of
-    its fields are checked first. Raises ``ArtifactError`` naming the file that is missing,
-    corrupted, modified or written by an incompatible version; file names cannot leave the
-    directory.
-    """
-    root = Path(out_dir)
-    path = root / "manifest.json"
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{path}: not a data.prepare manifest (no 'files' table)")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}; "
-            "run data.prepare again to rewrite it"
-        )
-    if manifest.get(MANIFEST_DIGEST) != json_digest(manifest, MANIFEST_DIGEST):
-        raise ArtifactError(f"{path}: checksum mismatch ({MANIFEST_DIGEST}); the manifest was edited or is corrupted")
-    try:
-        fields, cards, offsets = manifest["fields"], manifest["cardinalities"], manifest["field_offsets"]
-        ok = (
-            isinstance(manifest["dataset"], str)
-            and all(isinstance(f, str) for f in fields)
-            and len(fields) == len(cards) == len(offsets)
-            and all(isinstance(c, int) and c >= 1 for c in cards)
-            and list(offsets) == [sum(cards[:i]) for i in range(len(cards))]
-            and manifest["num_features"] == sum(cards)
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: malformed manifest ({e})") from None
-    if not ok:
-        raise ArtifactError(f"{path}: malformed manifest (fields, cardinalities, offsets or num_features disagree)")
-    for name in OUTPUT_FILES:
-        if name not in manifest["files"]:
-            raise ArtifactError(f"{path}: does not list {name}")
-    for name, digest in manifest["files"].items():
-        verify_sha256(safe_child(root, name), str(digest))
-    return manifest
-
-
 def _input_identity(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
 def _reusable(out: Path, dataset: str, identity: dict, params: dict) -> dict | None:
-    if not (out / "manifest.json").is_file():
+    if not (out / MANIFEST_FILE).is_file():
         return None
     try:
         manifest = load_manifest(out)
@@ -528,19 +484,8 @@ def _check_replaceable(out: Path) -> None:
         return
     if not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
-    if any(out.iterdir()) and not (out / "manifest.json").is_file():
+    if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out}: exists, is not empty and holds no data.prepare output; refusing to replace it")
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` directory to ``out``, replacing a previous output."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,8 +518,8 @@ def prepare(
             and split); memory use grows with it.
     """
     schema = get_schema(dataset)
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in SPLIT_METHODS:
+        raise ValueError(f"split must be one of {SPLIT_METHODS}, got {split!r}")
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
     if isinstance(min_count, bool) or not isinstance(min_count, int | np.integer) or min_count < 1:
@@ -617,8 +562,8 @@ def prepare(
             raise RuntimeError(f"{path}: the file changed while it was being prepared; run again")
         if _input_identity(path) != identity:
             raise RuntimeError(f"{path}: the file changed while it was being prepared; run again")
-        pq.write_table(vocab_table(vocabs), tmp / "vocab.parquet")
-        atomic_write_npy(tmp / "frequency.npy", stats.frequency)
+        pq.write_table(vocab_table(vocabs), tmp / VOCAB_FILE)
+        atomic_write_npy(tmp / FREQUENCY_FILE, stats.frequency)
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "dataset": schema.name,
@@ -638,8 +583,8 @@ def prepare(
             "seconds": round(time.perf_counter() - t0, 3),
         }
         manifest = seal_json(manifest, MANIFEST_DIGEST)
-        atomic_write_json(tmp / "manifest.json", manifest)
-        _install(tmp, out)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -667,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit status 2 on malformed input or a missing file."
         ),
     )
-    p.add_argument("--dataset", required=True, choices=("criteo", "avazu"), help="raw file format")
+    p.add_argument("--dataset", required=True, choices=list(SCHEMAS), help="raw file format")
     p.add_argument("--input", required=True, metavar="FILE", help="the raw labeled train file (plain or gzip)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
     p.add_argument(
@@ -679,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--split",
-        choices=SPLITS,
+        choices=SPLIT_METHODS,
         default="random",
         help="random: 8:1:1 by a hash of (row index, seed); time: first 80%% / next 10%% / last 10%% "
         "in file order (default random)",

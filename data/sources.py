@@ -14,7 +14,9 @@ from pathlib import Path
 
 from data.artifacts import ArtifactError
 from data.batches import PreparedDataset
-from data.schema import get_schema
+from data.reader import ON_BAD_ROWS
+from data.schema import SCHEMAS, get_schema
+from data.transforms import SPLIT_METHODS
 
 DEFAULT_CACHE = Path("runs") / "cache"
 RAW_NAMES = {"criteo": ("train.txt",), "avazu": ("train", "train.csv", "train.gz")}
@@ -27,7 +29,7 @@ class DataNotFoundError(RuntimeError):
 def add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int | None = None) -> None:
     """The data options every CLI shares."""
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="dataset format: criteo or avazu")
+    g.add_argument("--dataset", required=True, help=f"dataset format: {' or '.join(SCHEMAS)}")
     g.add_argument("--data", metavar="FILE", help="the real raw file (Criteo train.txt / day_N, Avazu train)")
     g.add_argument("--prepared", metavar="DIR", help="a directory already written by `python -m data.prepare`")
     g.add_argument(
@@ -41,9 +43,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int |
     g.add_argument("--days", type=int, default=1, help="synthetic: number of days (time order)")
     g.add_argument("--drift", type=float, default=0.0, help="synthetic: click-model drift between days")
     g.add_argument("--min-count", type=int, default=None, help="categories seen fewer times map to OOV (default 2)")
-    g.add_argument("--split", choices=("random", "time"), default="random", help="8:1:1 split (default random)")
+    g.add_argument("--split", choices=SPLIT_METHODS, default="random", help="8:1:1 split (default random)")
     g.add_argument("--data-seed", type=int, default=2022, help="split and synthetic-data seed (default 2022)")
-    g.add_argument("--on-bad-rows", choices=("error", "skip"), default="error", help="malformed rows: stop or skip")
+    g.add_argument("--on-bad-rows", choices=ON_BAD_ROWS, default="error", help="malformed rows: stop or skip")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help=f"where prepared data is cached (default {DEFAULT_CACHE})")
 
 

@@ -78,7 +78,14 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from data.artifacts import atomic_write_json
-from data.schema import AVAZU_CAT_COLUMNS, CRITEO_CAT_COLUMNS, CRITEO_INT_COLUMNS, get_schema
+from data.schema import (
+    AVAZU_CAT_COLUMNS,
+    CRITEO_CAT_COLUMNS,
+    CRITEO_INT_COLUMNS,
+    SCHEMAS,
+    get_schema,
+)
+from data.transforms import splitmix64
 
 GENERATOR_VERSION = 2
 CHUNK_ROWS = 200_000
@@ -153,14 +160,6 @@ _HEX = b"0123456789abcdef"
 _HEX_LUT = np.array([_HEX[b >> 4] | (_HEX[b & 15] << 8) for b in range(256)], dtype="<u2")
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (a bijection on uint64), elementwise."""
-    z = np.asarray(x, dtype=_U64) + _U64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return z ^ (z >> _U64(31))
-
-
 def _hash32(x: np.ndarray, salt: int) -> np.ndarray:
     """A bijection on uint32 (xor with salt, then lowbias32), elementwise."""
     z = x.astype(np.uint32) ^ np.uint32(salt & 0xFFFFFFFF)
@@ -177,7 +176,7 @@ def _salt(*parts: int | str) -> int:
     h = _U64(0x243F6A8885A308D3)
     for p in parts:
         for v in [*(p.encode() if isinstance(p, str) else [p & 0xFFFFFFFFFFFFFFFF]), 0]:
-            h = _mix64(np.array([h ^ _U64(v)]))[0]
+            h = splitmix64(np.array([h ^ _U64(v)]))[0]
     return int(h)
 
 
@@ -484,7 +483,7 @@ def _make_chunk(model: _Model, start: int, n: int, rows: int, seed: int, bounds:
         arrays = [label, *_criteo_ints(rng, z)]
         arrays += [model.fields[c].tokens(ranks[c], missing.get(c)) for c in CRITEO_CAT_COLUMNS]
     else:
-        ids = _mix64(idx.astype(_U64) ^ _U64(_salt("id", seed)))
+        ids = splitmix64(idx.astype(_U64) ^ _U64(_salt("id", seed)))
         arrays = [pa.array(ids), label, _ints(yymmddhh)]
         arrays += [model.fields[c].tokens(ranks[c], None) for c in AVAZU_CAT_COLUMNS]
     return _Chunk(arrays, p.astype(np.float32), y, ranks, missing)
@@ -629,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, choices=("criteo", "avazu"), type=str.lower,
+    p.add_argument("--dataset", required=True, choices=list(SCHEMAS), type=str.lower,
                    help="raw format to write: criteo (tab-separated, no header) or avazu (CSV with header)")
     p.add_argument("--rows", type=int, required=True, help="number of rows to write")
     p.add_argument("--out", required=True, help="output file (written atomically); metadata to OUT.meta.json")

@@ -13,11 +13,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 TRAIN, VAL, TEST = 0, 1, 2
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test")  # the splits, by code (TRAIN, VAL, TEST)
+SPLIT_METHODS = ("random", "time")  # how rows are assigned to them: ``random_split``, ``time_split``
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+# splitmix64: the golden-ratio increment and the two multipliers of its finaliser (as unsigned
+# ints; ``baselines.hashing.splitmix64_torch`` uses the same constants on int64 tensors).
+SPLITMIX64_GOLDEN = 0x9E3779B97F4A7C15
+SPLITMIX64_M1 = 0xBF58476D1CE4E5B9
+SPLITMIX64_M2 = 0x94D049BB133111EB
+_GOLDEN = np.uint64(SPLITMIX64_GOLDEN)
+_M1 = np.uint64(SPLITMIX64_M1)
+_M2 = np.uint64(SPLITMIX64_M2)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:

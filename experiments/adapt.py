@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ctr.model import CTRModel, FP32Embedding
 from ctr.options import add_training_arguments, train_config
-from ctr.trainer import TrainConfig, Trainer, evaluate
+from ctr.trainer import REPORT_FILE, TrainConfig, Trainer, evaluate
 from data import sources
 from data.artifacts import (
     atomic_torch_save,
@@ -81,7 +81,7 @@ from genlora_rec.lora import LoRAConfig
 from genlora_rec.towers import build_tower
 from mpe.config import MPEConfig, add_mpe_arguments
 from mpe.pipeline import run as run_mpe
-from mpe.run_dir import EXPORT_DIR, REPORT_FILE
+from mpe.run_dir import EXPORT_DIR
 from mpe.serving import load_served_model
 
 METHODS = ("none", "head", "full", "lora", "genlora")
@@ -97,8 +97,9 @@ DEFAULT_MPE_RATIO = 10.0
 
 
 # -- model helpers ----------------------------------------------------------------------------
-class FrozenBatchNorm(nn.Module):
-    """Wraps a model so that ``train()`` never puts its BatchNorm layers back in training mode."""
+class BatchNormStatsFrozen(nn.Module):
+    """A model wrapper whose ``train()`` leaves the BatchNorm layers in eval mode (their running
+    statistics stay frozen while the adapters train)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -107,7 +108,7 @@ class FrozenBatchNorm(nn.Module):
     def forward(self, kjt):
         return self.model(kjt)
 
-    def train(self, mode: bool = True) -> FrozenBatchNorm:
+    def train(self, mode: bool = True) -> BatchNormStatsFrozen:
         super().train(mode)
         for m in self.model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -257,7 +258,7 @@ def run_one(args, data, base: CTRModel, method: str, rank: int | None, seed: int
     for p in model.embedding.parameters():  # the embeddings stay frozen whatever the method
         p.requires_grad_(False)
     before = linear_weights(tower) if method == "full" else {}
-    wrapped = FrozenBatchNorm(model)
+    wrapped = BatchNormStatsFrozen(model)
     trainable = trainable_parameter_count(model)["trainable"]
     t0 = time.perf_counter()
     fit, best_lr = None, float("nan")

@@ -75,6 +75,8 @@ from experiments.results_csv import (
 )
 from genlora_rec.towers import build_tower
 from mpe.config import MPEConfig, add_mpe_arguments
+from mpe.format import HEADER_FILE
+from mpe.run_dir import EXPORT_DIR, MODEL_FILE, RETRAIN_DIR, SEARCH_DIR, SEARCH_MODEL_FILE
 
 COLUMNS = (
     "dataset", "method", "kind", "setting", "seed", "bytes", "fp32_bytes", "ratio", "test_auc",
@@ -259,7 +261,7 @@ class Benchmark:
         if res.fp32_bytes != self.fp32_bytes():
             raise RuntimeError(f"MPE's fp32 bytes {res.fp32_bytes:,} differ from the benchmark's {self.fp32_bytes():,}")
         r = res.report
-        header = read_json(res.export_dir / "header.json")
+        header = read_json(res.export_dir / HEADER_FILE)
         details: dict[str, Any] = {
             "description": method.description, "mpe_run_dir": str(run_dir), "lambda": r["config"]["lambda"],
             "mean_bits_per_row": r["mean_bits_per_row"], "paper_ratio_32_over_mean_bits": r["paper_ratio_32_over_mean_bits"],
@@ -276,7 +278,7 @@ class Benchmark:
             shutil.move(str(res.export_dir), dest)
             details["export_dir"] = str(dest)
         # the retrained model, checkpoints and export are not needed once measured
-        for name in ("search", "retrain", "export", "search_model.pt", "model.pt"):
+        for name in (SEARCH_DIR, RETRAIN_DIR, EXPORT_DIR, SEARCH_MODEL_FILE, MODEL_FILE):
             p = run_dir / name
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

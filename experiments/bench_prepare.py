@@ -14,8 +14,8 @@ same Criteo-format file, in the same run:
   parse ceiling of this machine;
 - ``prepare_full``: the whole ``prepare`` (both passes, parquet output), for reference.
 
-Input: ``--input FILE`` or a generated ``--rows``-row Criteo-format file (``data.synthetic``
-when available, else a small numpy/Arrow-vectorised writer in this file), cached in ``--out``.
+Input: ``--input FILE`` or a generated ``--rows``-row Criteo-format file (``data.synthetic``),
+cached in ``--out``.
 Results: ``--out/bench_prepare.json`` and ``.csv``.
 
     python -m experiments.bench_prepare                 # 2M generated rows
@@ -36,8 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 CONTENDERS = (
     "arrow_count",
     "pandas_count",
@@ -46,13 +44,6 @@ CONTENDERS = (
     "arrow_read_csv_inferred",
     "prepare_full",
 )
-
-# Criteo Kaggle cardinalities of C1..C26 (raw) and rough missing rates, for a realistic file.
-_C_CARD = (1460, 583, 10_131_227, 2_202_608, 305, 24, 12_517, 633, 3, 93_145, 5_683, 8_351_593, 3_194,
-           27, 14_992, 5_461_306, 10, 5_652, 2_173, 4, 7_046_547, 18, 15, 286_181, 105, 142_572)
-_C_MISSING = (0, 0, 0.03, 0.03, 0, 0.12, 0, 0, 0, 0, 0, 0.03, 0, 0, 0, 0.03, 0, 0, 0.44, 0.44,
-              0.03, 0.76, 0, 0.03, 0.44, 0.44)
-_I_MISSING = (0.45, 0, 0.21, 0.22, 0.03, 0.22, 0.04, 0, 0.04, 0.45, 0.04, 0.77, 0.22)
 
 
 def _rss_mb() -> float:
@@ -75,54 +66,17 @@ def _rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------
 # input file
 # ---------------------------------------------------------------------------------------------
-def write_criteo_like(path: Path, rows: int, seed: int = 0, chunk: int = 250_000) -> None:
-    """Vectorised writer of a Criteo-format TSV (label, I1..I13, C1..C26; Zipf-like values)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    rng = np.random.default_rng(seed)
-    hexdigits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-    shifts = np.arange(28, -1, -4, dtype=np.uint32)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for start in range(0, rows, chunk):
-            m = min(chunk, rows - start)
-            cols: list[Any] = [pa.array((rng.random(m) < 0.25).astype(np.int64)).cast(pa.string())]
-            for i in range(13):
-                v = rng.zipf(1.6, m).astype(np.int64) - 1
-                if i == 1:
-                    v -= 3  # I2 has negative values
-                s = pa.array(v).cast(pa.string())
-                cols.append(pc.if_else(pa.array(rng.random(m) < _I_MISSING[i]), "", s))
-            for i in range(26):
-                ids = np.minimum(rng.zipf(1.15, m), _C_CARD[i]).astype(np.uint64)
-                h = ((ids + np.uint64(i * 7919)) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
-                chars = hexdigits[(h.astype(np.uint32)[:, None] >> shifts) & 0xF]
-                s = pa.array(np.ascontiguousarray(chars).view("S8").ravel()).cast(pa.string())
-                cols.append(pc.if_else(pa.array(rng.random(m) < _C_MISSING[i]), "", s))
-            lines = pc.binary_join_element_wise(*cols, "\t")
-            f.write(("\n".join(lines.to_numpy(zero_copy_only=False)) + "\n").encode())
-    os.replace(tmp, path)
-
-
 def make_input(out: Path, rows: int, seed: int) -> Path:
     """A cached Criteo-format file of ``rows`` rows under ``out``."""
     path = out / f"criteo_like_{rows}rows_s{seed}.txt"
     if path.exists():
         return path
     out.mkdir(parents=True, exist_ok=True)
+    from data.synthetic import generate
+
     t = time.perf_counter()
-    try:
-        from data.synthetic import generate  # the project's generator, when present
-    except ImportError:
-        generate = None
-    if generate is not None:
-        generate("criteo", rows, path, seed=seed, progress=True)
-        how = "data.synthetic.generate"
-    else:
-        write_criteo_like(path, rows, seed)
-        how = "built-in vectorised writer"
-    print(f"generated {path} ({rows:,} rows, {path.stat().st_size / 2**20:.0f} MiB) with {how} "
+    generate("criteo", rows, path, seed=seed, progress=True)
+    print(f"generated {path} ({rows:,} rows, {path.stat().st_size / 2**20:.0f} MiB) with data.synthetic.generate "
           f"in {time.perf_counter() - t:.1f} s")
     return path
 

@@ -9,7 +9,7 @@ prepared once (``data.sources``, cached under ``--cache-dir``). Then, for every 
 count P of ``--processes``, two jobs run, each as its own subprocess (``torchrun`` for
 P > 1: gloo, table-wise sharding), on the same prepared data, tower and global batch:
 
-- ``fp32``: ``python -m ctr.train`` (one epoch);
+- ``fp32``: ``python -m ctr.train_fp32`` (one epoch);
 - ``mpe``:  ``python -m mpe.search --lambda L`` (one epoch of search, selection, one epoch
   of retrain, export; no lambda bisection).
 
@@ -49,6 +49,11 @@ from typing import Any
 
 import numpy as np
 
+from ctr.trainer import REPORT_FILE
+from data import sources
+from data.artifacts import atomic_write_bytes, atomic_write_json
+from experiments.results_csv import write_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO_KAGGLE = {"name": "Criteo Kaggle", "rows": 45_840_617, "features": 6_780_382}
 CRITEO_1TB = {"name": "Criteo 1TB (24 days)", "rows": 4_373_472_329, "features": 187_767_399}
@@ -58,7 +63,6 @@ JOBS = ("fp32", "mpe")
 
 def prepare(rows: int, args: argparse.Namespace) -> Path:
     """Generate + prepare a synthetic Criteo file of ``rows`` rows (cached); its prepared dir."""
-    from data import sources
 
     ns = argparse.Namespace(dataset="criteo", data=None, prepared=None, synthetic=rows, days=1, drift=0.0,
                             min_count=None, split="random", data_seed=2022, on_bad_rows="error",
@@ -73,7 +77,7 @@ def job_command(job: str, processes: int, prepared: Path, out: Path, args: argpa
               "--batch-size", str(args.batch_size), "--epochs", "1", "--embedding-optimizer", "adagrad",
               "--embedding-lr", str(args.embedding_lr), "--no-progress", "--out", str(out)]
     if job == "fp32":
-        return [*launcher, "-m", "ctr.train", *common]
+        return [*launcher, "-m", "ctr.train_fp32", *common]
     return [*launcher, "-m", "mpe.search", *common, "--lambda", str(args.mpe_lambda), "--groups", str(args.groups)]
 
 
@@ -96,7 +100,7 @@ def measure(rows: int, processes: int, job: str, prepared: Path, args: argparse.
     out = Path(args.out) / "runs" / f"{job}_{rows}rows_{processes}p"
     threads = max(1, args.threads // processes)
     wall, rss, _ = run_job(job_command(job, processes, prepared, out, args), threads)
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / REPORT_FILE).read_text())
     manifest = json.loads((prepared / "manifest.json").read_text())
     row = {"rows": rows, "features": int(manifest["num_features"]), "processes": processes,
            "threads_per_process": threads, "job": job, "wall_seconds": wall, "peak_rss_mb": rss}
@@ -197,8 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from data.artifacts import atomic_write_bytes, atomic_write_json
-    from experiments.results_csv import write_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from baselines.ptq import TorchrecPTQEmbedding
+from ctr.model import FP32Embedding, table_name
+from data.artifacts import atomic_write_json
+from data.batches import to_kjt
+from experiments.results_csv import write_rows
+from mpe.quantizer import LSQQuantizer
+from mpe.reader import load_packed_export
+from mpe.serving import PackedEmbeddingModule
+from mpe.torchrec_size import build_torchrec_quant
+from mpe.writer import write_packed_export
+
 CONTENDERS = ("fp32", "packed", "mpe_torchrec", "ptq_int8", "ptq_int4")
 MEMORY_KINDS = ("fp32", "packed", "mpe_torchrec", "ptq_int8", "ptq_int4")
 DEFAULT_BIT_FRACTIONS = "0.50,0.15,0.12,0.10,0.07,0.04,0.02"  # rows at 0,1,..,6 bits, rarest first
@@ -134,10 +145,6 @@ def build_tables(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Write the fp32 tables (one .npy per field), the packed export and the ptq exports."""
     from torchrec.modules.embedding_configs import DataType
 
-    from baselines.ptq import TorchrecPTQEmbedding
-    from ctr.model import FP32Embedding, table_name
-    from mpe.quantizer import LSQQuantizer
-    from mpe.writer import write_packed_export
 
     fields = [f"f{i}" for i in range(args.fields)]
     cards = field_cardinalities(args.rows, args.fields)
@@ -178,10 +185,6 @@ def build_tables(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[str, tuple[Callable, int]]:
     """name -> (kjt -> Tensor, bytes) for each contender, loaded from the files just written."""
-    from baselines.ptq import TorchrecPTQEmbedding
-    from mpe.reader import load_packed_export
-    from mpe.serving import PackedEmbeddingModule
-    from mpe.torchrec_size import build_torchrec_quant
 
     fp32, fields, offsets = built["fp32"], built["fields"], built["offsets"]
     off_t = torch.as_tensor(offsets, dtype=torch.int64)
@@ -233,7 +236,7 @@ def time_contenders(contenders: dict[str, tuple[Callable, int]], kjts: list, bat
 
 
 @torch.inference_mode()
-def check_outputs(contenders: dict[str, tuple[Callable, int]], kjt, packed_dir: Path) -> dict[str, float]:
+def check_outputs(contenders: dict[str, tuple[Callable, int]], kjt) -> dict[str, float]:
     """Max |difference| of every contender against its reference on one batch (packed and
     mpe_torchrec against the packed export; fp32 and ptq against fp32): a sanity check."""
     ref = {}
@@ -257,12 +260,6 @@ def _child_load(kind: str, out: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
     import torchrec  # noqa: F401  (imported before the baseline, as every loader needs it)
 
-    from baselines.ptq import TorchrecPTQEmbedding
-    from ctr.model import FP32Embedding, table_name
-    from data.batches import to_kjt
-    from mpe.reader import load_packed_export
-    from mpe.serving import PackedEmbeddingModule
-    from mpe.torchrec_size import build_torchrec_quant
 
     table = json.loads((out / "table.json").read_text())
     fields = [f"f{i}" for i in range(table["fields"])]
@@ -341,9 +338,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child_load(args.child_load, out)))
         return 0
     torch.set_num_threads(args.threads)
-    from data.artifacts import atomic_write_json
-    from data.batches import to_kjt
-    from experiments.results_csv import write_rows
 
     names = [n for n in args.contenders.split(",") if n]
     kinds = [k for k in args.memory.split(",") if k]
@@ -360,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = make_contenders(built, out, names)
     rng = np.random.default_rng(args.seed)
     fields, cards, perms = built["fields"], built["cards"], built["perms"]
-    diffs = check_outputs(contenders, to_kjt(sample_ids(cards, perms, 256, args.zipf, rng), fields), out / "packed")
+    diffs = check_outputs(contenders, to_kjt(sample_ids(cards, perms, 256, args.zipf, rng), fields))
 
     serving = []
     fp32_bytes = contenders["fp32"][1] if "fp32" in contenders else args.rows * args.dim * 4

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from encoding.packing import id_map_nbytes
 from encoding.sizes import MAX_BITS, bucket_code_bytes, npy_file_bytes
 from mpe.format import ID_MAP_FILE, OFFSET_FILE, STEPS_FILE, bucket_file
 
@@ -68,7 +69,6 @@ def bits_to_indices(bits_per_row: np.ndarray, candidates: Iterable[int]) -> np.n
 def packed_size_breakdown(bits_per_row: np.ndarray, dim: int, candidates: Iterable[int]) -> dict[str, int]:
     """Bytes per export file for this bit assignment (file name -> bytes, files that the
     export writes only). ``sum(values)`` is ``packed_table_bytes``."""
-    from encoding.packing import id_map_nbytes  # packing does not import this module's callers
 
     cands = validate_candidates(candidates)
     idx = bits_to_indices(bits_per_row, cands)

@@ -12,7 +12,6 @@ bit-width of its frequency group:
   ``extra_loss()`` is the size penalty ``lambda * sum_g w_g * E_p[bits_g]``.
 - phase ``"fixed"``: every group has one bit-width (after selection); rows are
   quantized at it, exactly as the bit-packed export stores them.
-- phase ``"fp32"``: no quantization.
 
 Criteo and Avazu fields are single-valued, so a sum-pooled bag of one id is the row
 itself and quantizing the pooled output equals quantizing the row. Multi-hot fields
@@ -29,11 +28,13 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from ctr.model import DEFAULT_INIT_STD, FP32_BYTES, build_ebc, field_rows, table_name
+from ctr.model import DEFAULT_INIT_STD, build_ebc, field_rows, table_name
+from data.layout import field_offsets, global_ids
+from encoding.sizes import fp32_table_bytes
 from mpe.bitwidths import DEFAULT_CANDIDATES, packed_table_bytes, validate_candidates
 from mpe.quantizer import LSQQuantizer
 
-PHASES = ("search", "fixed", "fp32")
+PHASES = ("search", "fixed")
 MODES = ("expected", "sample")
 
 
@@ -92,8 +93,7 @@ class MixedPrecisionEmbedding(nn.Module):
         if pruned.any() and 0 not in self.candidates:
             raise ValueError(f"pruned rows need 0 among the candidate bit-widths, got {self.candidates}")
         self.ebc = build_ebc(self.fields, self.cardinalities, dim, init_std)
-        offsets = np.concatenate([[0], np.cumsum(self.cardinalities)[:-1]])
-        self.register_buffer("field_offsets", torch.as_tensor(offsets, dtype=torch.int64))
+        self.register_buffer("field_offsets", torch.from_numpy(field_offsets(self.cardinalities)))
         self.register_buffer("group_of_row", torch.from_numpy(group_of_row))
         self.register_buffer("pruned_rows", torch.from_numpy(pruned))
         self.register_buffer("penalty_weights", torch.as_tensor(np.asarray(penalty_weights), dtype=torch.float32))
@@ -168,19 +168,10 @@ class MixedPrecisionEmbedding(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def global_ids(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """int64 [B, F] global row ids of a single-valued KJT."""
-        batch = kjt.stride()
-        values = kjt.values()
-        if values.numel() != batch * len(self.fields):
-            raise ValueError(
-                "MixedPrecisionEmbedding takes single-valued fields (one id per field and example); "
-                "multi-hot bags need an unpooled EmbeddingCollection"
-            )
-        return values.view(len(self.fields), batch).t() + self.field_offsets
+        return global_ids(kjt, self.field_offsets, type(self).__name__)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         rows = field_rows(self.ebc(kjt), self.fields, self.dim)
-        if self.phase == "fp32":
-            return rows
         # A batch looks its frequent rows up many times: quantize each distinct row once (the
         # quantization is a function of the row alone), then spread the results back out.
         # index_select, not [idx]: the backward of advanced indexing accumulates with parallel
@@ -216,7 +207,7 @@ class MixedPrecisionEmbedding(nn.Module):
         """Bytes of the bit-packed export (phase 'fixed') or of the fp32 tables (otherwise)."""
         if self.phase == "fixed":
             return packed_table_bytes(self.bits_per_row(), self.dim, self.candidates)
-        return self.num_rows() * self.dim * FP32_BYTES
+        return fp32_table_bytes(self.num_rows(), self.dim)
 
     def quant_parameters(self) -> list[nn.Parameter]:
         """The precision logits, steps and offset (their own optimiser, no weight decay)."""

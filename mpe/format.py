@@ -21,13 +21,14 @@ vector. The tower of a served model sits beside it as ``tower.pt`` (weights only
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
+
+from data.artifacts import json_digest
 
 FORMAT = "mpe-packed"
 SCHEMA_VERSION = 1
 HEADER_FILE = "header.json"
+HEADER_DIGEST = "header_sha256"
 STEPS_FILE = "steps.npy"
 OFFSET_FILE = "offset.npy"
 ID_MAP_FILE = "id_map.npy"
@@ -40,6 +41,5 @@ def bucket_file(bits: int) -> str:
 
 
 def header_digest(header: dict[str, Any]) -> str:
-    """sha256 of the header's canonical JSON without its ``header_sha256`` field."""
-    body = {k: v for k, v in header.items() if k != "header_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """sha256 of the header's canonical (compact) JSON without its ``header_sha256`` field."""
+    return json_digest(header, HEADER_DIGEST)

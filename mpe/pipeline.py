@@ -23,7 +23,7 @@ import torch
 from ctr import distributed
 from ctr.distributed import DistEnv
 from ctr.model import CTRModel, FP32Embedding
-from ctr.trainer import FitResult, TrainConfig, Trainer, evaluate, trainable_parameters
+from ctr.trainer import REPORT_FILE, FitResult, TrainConfig, Trainer, evaluate, trainable_parameters
 from data.artifacts import (
     ArtifactError,
     atomic_torch_save,
@@ -48,7 +48,6 @@ from mpe.report import build_report, headline, plot_bits
 from mpe.run_dir import (
     BITS_PLOT,
     EXPORT_DIR,
-    REPORT_FILE,
     RETRAIN_DIR,
     SEARCH_DIR,
     SEARCH_MODEL_FILE,

@@ -39,6 +39,7 @@ from mpe.format import (
     bucket_file,
     header_digest,
 )
+from mpe.native import row_decoder
 from mpe.quantizer import _dequant
 
 LOCATOR_BLOCK = 256  # rows per block of the in-memory locator (the in-block rank fits a byte)
@@ -210,7 +211,6 @@ class _NativeTables:
 
     @property
     def decode(self):
-        from mpe.native import row_decoder
 
         return row_decoder()
 

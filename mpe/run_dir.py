@@ -32,7 +32,7 @@ MODEL_SCHEMA_VERSION = 3  # 2: meta_sha256, model.json's checksum of itself; 3: 
 STAGES_FILE, STAGES_DIGEST = "stages.json", "stages_sha256"
 SEARCH_MODEL_FILE = "search_model.pt"
 SEARCH_DIR, RETRAIN_DIR, EXPORT_DIR = "search", "retrain", "export"
-REPORT_FILE, BITS_PLOT = "report.json", "bits_vs_frequency.png"
+BITS_PLOT = "bits_vs_frequency.png"
 
 
 def model_description(model: CTRModel, cfg: MPEConfig, data: PreparedDataset) -> dict:

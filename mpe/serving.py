@@ -16,6 +16,7 @@ from torchrec import KeyedJaggedTensor
 
 from ctr.model import CTRModel
 from data.artifacts import ArtifactError, load_torch, read_json, safe_child, short_error
+from data.layout import global_ids
 from genlora_rec.towers import build_tower
 from mpe.reader import PackedEmbedding, load_packed_export
 
@@ -32,12 +33,8 @@ class PackedEmbeddingModule(nn.Module):
         self.register_buffer("field_offsets", torch.as_tensor(list(field_offsets), dtype=torch.int64))
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        batch = kjt.stride()
-        values = kjt.values()
-        if values.numel() != batch * len(self.fields):
-            raise ValueError("the packed embedding serves single-valued fields only")
-        ids = values.view(len(self.fields), batch).t() + self.field_offsets
-        return self.packed.lookup(ids.reshape(-1)).view(batch, len(self.fields), -1)
+        ids = global_ids(kjt, self.field_offsets, "the packed embedding")
+        return self.packed.lookup(ids.reshape(-1)).view(kjt.stride(), len(self.fields), -1)
 
     def num_bytes(self) -> int:
         return int(self.packed.num_bytes())

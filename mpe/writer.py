@@ -12,12 +12,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_npy, sha256_file
+from data.artifacts import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_npy,
+    replace_dir,
+    sha256_file,
+)
 from encoding.packing import encode_id_map, pack_codes
 from encoding.sizes import fp32_table_bytes
 from mpe.bitwidths import bits_to_indices, packed_size_breakdown
 from mpe.format import (
     FORMAT,
+    HEADER_DIGEST,
     HEADER_FILE,
     ID_MAP_FILE,
     OFFSET_FILE,
@@ -119,21 +126,11 @@ def write_packed_export(
             "mean_bits_per_row": float(np.mean(bits)),
             "meta": dict(extra_meta or {}),
         }
-        header["header_sha256"] = header_digest(header)
+        header[HEADER_DIGEST] = header_digest(header)
         atomic_write_json(tmp / HEADER_FILE, header)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return header
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``, replacing an existing ``target`` directory."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / "d")
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)

@@ -30,7 +30,8 @@ from data.artifacts import (
     seal_json,
     sha256_file,
 )
-from data.prepare import load_manifest, prepare
+from data.manifest import load_manifest
+from data.prepare import prepare
 from genlora_rec.towers import build_tower
 from mpe import run_dir, search
 from mpe.config import MPEConfig, SearchConfig
@@ -231,7 +232,7 @@ def test_prepared_data_files_truncated(prepared_bytes, tmp_path):
 
 
 def test_training_cli_one_line_for_damaged_prepared_dir(prepared_bytes, tmp_path, capsys):
-    from ctr.train import main as train_main
+    from ctr.train_fp32 import main as train_main
 
     out = prepared_dir(tmp_path, prepared_bytes)
     flip_byte(out / "frequency.npy", 0.9)

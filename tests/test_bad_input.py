@@ -11,7 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from data.prepare import load_manifest, main, prepare
+from data.manifest import load_manifest
+from data.prepare import main, prepare
 from data.reader import RawFormatError, RawReader
 from data.schema import AVAZU, CRITEO
 
@@ -442,7 +443,7 @@ def test_avazu_crlf_gives_the_same_output(avazu_sample, tmp_path):
 
 
 def test_training_cli_bad_paths_and_unknown_dataset(criteo_sample, tmp_path, capsys):
-    from ctr.train import main as train_main
+    from ctr.train_fp32 import main as train_main
 
     common = ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--no-progress"]
     for argv, expected in [

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ctr import train
+from ctr import train_fp32 as train
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SAMPLES = {"criteo": SHARED / "criteo_sample" / "train.txt", "avazu": SHARED / "avazu_sample" / "train.csv"}

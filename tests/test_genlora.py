@@ -140,14 +140,18 @@ def test_config_validation_and_round_trip() -> None:
     torch.testing.assert_close(gen.widths(), torch.full((4,), 0.3))
 
 
-def _fit(layer: AdapterLinear, target: torch.Tensor, steps: int = 300, lr: float = 1e-2) -> float:
+def _fit(layer: AdapterLinear, target: torch.Tensor, steps: int = 300, lr: float = 1e-2) -> tuple[float, float]:
+    """(loss before the first step, loss after ``steps`` Adam steps) of fitting dW to ``target``."""
     opt = torch.optim.Adam(list(layer.adapter_parameters().values()), lr=lr)
+    initial = None
     for _ in range(steps):
         opt.zero_grad()
         loss = (layer.delta_weight() - target).pow(2).mean()
+        if initial is None:
+            initial = float(loss.detach())
         loss.backward()
         opt.step()
-    return float(loss.detach())
+    return initial, float((layer.delta_weight() - target).pow(2).mean().detach())
 
 
 @pytest.mark.parametrize("gen_cfg", [
@@ -171,9 +175,16 @@ def test_genlora_effective_rank_beats_lora_at_equal_or_fewer_parameters(gen_cfg:
     gen = make(GenLoRAConfig(alpha=float(gen_cfg["r"]), **gen_cfg))
     assert lora.num_adapter_parameters() == lora_parameter_count(64, 64, 2) == 256
     assert gen.num_adapter_parameters() <= lora.num_adapter_parameters()
-    lora_loss, gen_loss = _fit(lora, target), _fit(gen, target)
+    (lora_init, lora_loss), (gen_init, gen_loss) = _fit(lora, target), _fit(gen, target)
     lora_rank, gen_rank = effective_rank(lora.delta_weight()), effective_rank(gen.delta_weight())
-    assert lora_loss < 1.0 and gen_loss < 1.0  # both actually fitted (initial loss ~ 1.0)
+    # both start at dW = 0 (loss = mean(target^2) ~ 0.987) and really fit: measured final / initial
+    # 0.894 (LoRA), 0.911 / 0.892 / 0.954 (GenLoRA r=16 g=4 / r=12 g=8 / K=2)
+    torch.testing.assert_close(torch.tensor([lora_init, gen_init]), target.pow(2).mean().repeat(2))
+    assert lora_loss < 0.97 * lora_init, (lora_loss, lora_init)
+    assert gen_loss < 0.97 * gen_init, (gen_loss, gen_init)
+    # LoRA r=2 gets within 1% of the best rank-2 fit (Eckart-Young; measured 0.8820 vs 0.8789)
+    best_rank2 = float(torch.linalg.svdvals(target)[2:].pow(2).sum() / target.numel())
+    assert best_rank2 - 1e-5 <= lora_loss < 1.01 * best_rank2, (lora_loss, best_rank2)
     assert lora_rank <= 2.0 + 1e-9
     # measured: ~14.5 (r=16, g=4), ~11.5 (r=12, g=8), ~6.9 (K=2 shared: rank <= K*g = 8) vs ~2.0
     assert gen_rank > lora_rank + 2.0, (gen_rank, lora_rank)

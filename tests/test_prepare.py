@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.artifacts import ArtifactError
-from data.prepare import OUTPUT_FILES, load_manifest, main, prepare
+from data.manifest import OUTPUT_FILES, load_manifest
+from data.prepare import main, prepare
 from data.schema import AVAZU, CRITEO
 from data.transforms import (
     avazu_hour_bad,

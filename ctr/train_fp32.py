@@ -1,7 +1,7 @@
-"""Train the fp32 CTR baseline: ``python -m ctr.train --dataset criteo --synthetic 200000``.
+"""Train the fp32 CTR baseline: ``python -m ctr.train_fp32 --dataset criteo --synthetic 200000``.
 
 Prints and writes (``OUT/report.json``) test AUC, logloss and model bytes. Under
-``torchrun --nproc_per_node=N -m ctr.train ...`` the tables are sharded over the N
+``torchrun --nproc_per_node=N -m ctr.train_fp32 ...`` the tables are sharded over the N
 processes (``genlora_rec.distributed``) and rank 0 writes the report.
 """
 
@@ -17,14 +17,14 @@ import torch
 from ctr import distributed
 from ctr.model import CTRModel, FP32Embedding
 from ctr.options import add_training_arguments, train_config
-from ctr.trainer import NonFiniteLossError, Trainer, evaluate
+from ctr.trainer import REPORT_FILE, NonFiniteLossError, Trainer, evaluate
 from data import sources
 from data.artifacts import ArtifactError, atomic_write_json
 from genlora_rec.towers import build_tower
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ctr.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ctr.train_fp32", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sources.add_data_arguments(p)
     add_training_arguments(p)
@@ -90,11 +90,11 @@ def _run(args: argparse.Namespace, dist: distributed.DistEnv | None) -> int:
         "processes": 1 if dist is None else dist.world_size,
         "embedding_optimizer": trainer.table_optimizer,
     }
-    atomic_write_json(out / "report.json", report)
+    atomic_write_json(out / REPORT_FILE, report)
     distributed.barrier(dist)
     print(
         f"fp32 {args.tower}: test AUC {test['auc']:.5f}  logloss {test['logloss']:.5f}  "
-        f"embedding {report['embedding_bytes']:,} B  tower {report['tower_bytes']:,} B  -> {out / 'report.json'}"
+        f"embedding {report['embedding_bytes']:,} B  tower {report['tower_bytes']:,} B  -> {out / REPORT_FILE}"
     )
     return 0
 
