@@ -1,6 +1,6 @@
 """MPE in the AUC-vs-size benchmark: registry name ``"mpe"`` (kind ``"pipeline"``).
 
-A setting ``"x<R>"`` (e.g. ``"x10"``) is a target compression ratio: ``mpe.search.run``
+A setting ``"x<R>"`` (e.g. ``"x10"``) is a target compression ratio: ``mpe.pipeline.run``
 finds lambda by bisection so that the bit-packed export is about R times smaller than the
 fp32 tables, then searches, selects, retrains, exports and evaluates the export. The bytes
 are those of the bit-packed export on disk (codes, steps, offset, id map), the AUC is the

@@ -2,7 +2,7 @@
 
 Prints and writes (``OUT/report.json``) test AUC, logloss and model bytes. Under
 ``torchrun --nproc_per_node=N -m ctr.train_fp32 ...`` the tables are sharded over the N
-processes (``genlora_rec.distributed``) and rank 0 writes the report.
+processes (``ctr.distributed``) and rank 0 writes the report.
 """
 
 from __future__ import annotations

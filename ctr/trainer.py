@@ -5,7 +5,7 @@ on it with the best weights kept, tqdm progress, scikit-learn metrics, and atomi
 weights-only checkpoints that ``resume=True`` continues from.
 
 Given a ``DistEnv`` (a ``torchrun`` process group), the same loop trains the model sharded
-by torchrec's ``DistributedModelParallel`` (``genlora_rec.distributed``): each rank takes
+by torchrec's ``DistributedModelParallel`` (``ctr.distributed``): each rank takes
 its slice of every batch, evaluation is gathered so every rank sees the same AUC, and the
 trained weights end up, unsharded, in the model passed in, on every rank.
 """
@@ -152,7 +152,7 @@ class Trainer:
         out_dir: where ``checkpoint.pt`` is written at every validation (atomically).
         log: where progress lines go.
         dist: the process group of a multi-process run (None: one process). The model is
-            then sharded for training (``genlora_rec.distributed.shard``); checkpoints and
+            then sharded for training (``ctr.distributed.shard``); checkpoints and
             ``resume`` are single-process only.
     """
 

@@ -7,7 +7,7 @@ Protocol (the split is always ``--split time``, i.e. file order):
   val   (next 10%)   adaptation data: first half trains the adapter, second half early-stops it;
   test  (last 10%)   reported AUC / logloss.
 
-With ``--embedding mpe`` the pretrained model is an MPE run instead (``mpe.search.run`` on the
+With ``--embedding mpe`` the pretrained model is an MPE run instead (``mpe.pipeline.run`` on the
 same splits at ``--mpe-target-ratio``): the adapters then sit on the tower of the model served
 from its bit-packed export, whose embedding is read-only by construction.
 
@@ -210,7 +210,7 @@ def mpe_config(args: argparse.Namespace, dataset: str, seed: int) -> MPEConfig:
 def pretrain_mpe(args, data, seed: int, out: Path, log) -> CTRModel:
     """MPE search + retrain at ``--mpe-target-ratio`` (resumable), served from its bit-packed export.
 
-    ``mpe.search.run`` early-stops on the whole val split, i.e. on the adaptation window too;
+    ``mpe.pipeline.run`` early-stops on the whole val split, i.e. on the adaptation window too;
     the test split stays unseen.
     """
     run_dir = out / f"mpe_seed{seed}"

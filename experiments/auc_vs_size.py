@@ -11,7 +11,7 @@ kinds (``baselines.registry``):
   post      the embedding of the fp32 model of the same seed is compressed after training
             (the fp32 model is trained once per seed, kept as OUT/fp32/seed<S>.pt);
   pipeline  MPE: lambda bisection to the target ratio, search, retrain, bit-packed export
-            (``mpe.search.run``; its run directory is OUT/mpe/<setting>_seed<S>/).
+            (``mpe.pipeline.run``; its run directory is OUT/mpe/<setting>_seed<S>/).
 
 Bytes are bytes really written: every run exports its embedding (``export()``, MPE's
 bit-packed export) under OUT/exports/ and the runner checks that the files on disk hold

@@ -10,16 +10,16 @@ law over a fixed random permutation of the field's rows (frequent ids are scatte
 contiguous). The MPE-like bit assignment gives each row 0..6 bits by its expected
 frequency, rarest first, in the fractions of ``--bit-fractions`` (default: half the rows
 pruned, 2% at 6 bits; mean ~1.3 bits), and LSQ steps of ~3 std / 2^(b-1); the table is
-then written with ``mpe.export.write_packed_export`` exactly as a search run exports it.
+then written with ``mpe.writer.write_packed_export`` exactly as a search run exports it.
 
 Contenders (each maps a KeyedJaggedTensor of ``B`` examples x ``F`` single-valued fields
 to float32 rows; the dense tower is not run):
 
-- ``fp32``: ``genlora_rec.model.FP32Embedding`` (torchrec ``EmbeddingBagCollection``);
-- ``packed``: ``mpe.serving.PackedEmbeddingModule`` over ``mpe.packed.load_packed_export``
+- ``fp32``: ``ctr.model.FP32Embedding`` (torchrec ``EmbeddingBagCollection``);
+- ``packed``: ``mpe.serving.PackedEmbeddingModule`` over ``mpe.reader.load_packed_export``
   (decodes only the requested rows from the packed codes);
 - ``mpe_torchrec``: the same MPE buckets as torchrec INT2/INT4/INT8 tables
-  (``mpe.torchrec_export.build_torchrec_quant``), global ids located through the id map;
+  (``mpe.torchrec_size.build_torchrec_quant``), global ids located through the id map;
 - ``ptq_int8`` / ``ptq_int4``: the fp32 tables quantized rowwise by torchrec
   (``baselines.ptq.TorchrecPTQEmbedding``), uniform bit-width, fbgemm kernels.
 

@@ -1,7 +1,7 @@
 """Bit-width facts in one place: candidate sets, the selection threshold and size accounting.
 
 Size accounting is exact: ``packed_table_bytes`` returns the number of payload bytes that
-``mpe.export.write_packed_export`` writes for the same bit assignment (bucket code files,
+``mpe.writer.write_packed_export`` writes for the same bit assignment (bucket code files,
 ``steps.npy``, ``offset.npy`` and ``id_map.npy``; ``header.json`` is metadata and is
 reported on its own). A test checks the equality against the files on disk.
 """

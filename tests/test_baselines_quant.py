@@ -25,6 +25,7 @@ from data.batches import PreparedDataset, iter_batches, to_kjt
 from data.prepare import prepare
 from data.synthetic import generate
 from encoding.sizes import bucket_code_bytes, npy_file_bytes
+from encoding.torchrec_rows import torchrec_row_bytes
 from genlora_rec.towers import build_tower
 from mpe.reader import load_packed_export
 
@@ -126,8 +127,10 @@ def test_forward_export_and_read_back(name, data, fp32, tmp_path) -> None:
         assert torch.equal(back, out), f"{name} {setting}: the export read back gives other rows"
     # settings are listed from the widest to the narrowest bit-width
     values = list(sizes.values())
-    if name == "ptq":  # torchrec: INT4 and INT2 rows both take 16 bytes at small D (scale/bias + alignment)
-        assert values[0] > values[1] >= values[2], sizes
+    if name == "ptq":  # torchrec: INT4 and INT2 rows take the same bytes at small D (scale/bias + alignment)
+        rows = [torchrec_row_bytes(b, DIM) for b in (8, 4, 2)]  # pinned layout: 32, 16, 16 at D = 16
+        assert values[0] > values[1] and (values[1] == values[2]) == (rows[1] == rows[2]), (sizes, rows)
+        assert values[1] >= values[2], sizes
     else:
         assert all(a > b for a, b in zip(values, values[1:], strict=False)), sizes
     assert values[0] < inputs(data).fp32_bytes
@@ -177,8 +180,8 @@ def test_lsq_is_mpe_at_one_bit_width(data, tmp_path) -> None:
 
 
 # -- ptq ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("setting", "bits", "row_bytes"), [("int8", 8, 32), ("int4", 4, 16), ("int2", 2, 16)])
-def test_ptq_error_and_measured_bytes(setting, bits, row_bytes, data, fp32) -> None:
+@pytest.mark.parametrize(("setting", "bits"), [("int8", 8), ("int4", 4), ("int2", 2)])
+def test_ptq_error_and_measured_bytes(setting, bits, data, fp32) -> None:
     model, _ = make("ptq", setting, data, fp32)
     emb: TorchrecPTQEmbedding = model.embedding
     assert emb.data_type.name == setting.upper()  # torchrec keeps INT2 as INT2
@@ -193,14 +196,15 @@ def test_ptq_error_and_measured_bytes(setting, bits, row_bytes, data, fp32) -> N
     kjt, _ = first_batch(data)
     emb.eval()
     assert torch.equal(emb(kjt), deq[emb.global_ids(kjt)])
-    # the export is torchrec's buffer: rows of `row_bytes` (D = 16: codes + 4 B fp16 scale/bias, 16 B aligned),
-    # each table starting on a 128-byte boundary
+    # the export is torchrec's buffer: rows of the pinned layout's `row_bytes` (codes + 4 B fp16
+    # scale/bias, 16 B aligned: 32 / 16 / 16 B at D = 16 on torchrec 1.8), each table starting on the
+    # next 128-byte boundary; the table offsets and the buffer size are torchrec's own
+    row_bytes = torchrec_row_bytes(bits, DIM)
     assert emb.size_report()["row_bytes"] == row_bytes
     offsets = emb.export_config()["weights_offsets"]
-    ends = [o + c * row_bytes for o, c in zip(offsets, emb.cardinalities, strict=True)]
-    assert offsets[0] == 0 and all(o % 128 == 0 for o in offsets)
-    assert all(e <= o for e, o in zip(ends, offsets[1:], strict=False))
-    assert emb.weight_bytes() == -(-ends[-1] // 128) * 128
+    ends = [-(-(o + c * row_bytes) // 128) * 128 for o, c in zip(offsets, emb.cardinalities, strict=True)]
+    assert offsets == [0, *ends[:-1]], f"torchrec's table offsets do not follow rows of {row_bytes} B"
+    assert emb.weight_bytes() == ends[-1]
     assert emb.num_bytes() == npy_file_bytes((emb.weight_bytes(),), np.uint8)
 
 

@@ -1,14 +1,22 @@
 """Packed export: bit-exact round trip, exact sizes, tamper detection; torchrec quantized export."""
 
 import json
+from importlib.metadata import version
 
 import numpy as np
 import pytest
 import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from data.artifacts import ArtifactError
 from encoding.sizes import fp32_table_bytes
-from encoding.torchrec_rows import torchrec_row_bytes
+from encoding.torchrec_rows import (
+    quantize_ebc,
+    tbe_weight_buffers,
+    torchrec_data_type,
+    torchrec_row_bytes,
+    torchrec_table_bytes,
+)
 from mpe.bitwidths import packed_size_breakdown, packed_table_bytes
 from mpe.format import bucket_file, header_digest
 from mpe.quantizer import LSQQuantizer
@@ -202,10 +210,30 @@ def test_invalid_inputs(tmp_path):
 
 
 # -- torchrec quantized export -----------------------------------------------------------
-def test_torchrec_row_bytes_measured():
-    # measured with torchrec 1.8 / fbgemm-gpu-cpu 1.8 on CPU, default row alignment 16
-    assert [torchrec_row_bytes(b, 16) for b in (8, 4, 2)] == [32, 16, 16]
-    assert [torchrec_row_bytes(b, 64) for b in (8, 4, 2)] == [80, 48, 32]
+def tbe_bytes(rows: int, bits: int, dim: int) -> int:
+    """Bytes of the fbgemm weight buffers torchrec allocates for one quantized table."""
+    ebc = EmbeddingBagCollection(
+        tables=[EmbeddingBagConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])],
+        device=torch.device("cpu"),
+    )
+    return sum(b.nbytes for b in tbe_weight_buffers(quantize_ebc(ebc, {"t": torchrec_data_type(bits)})))
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_torchrec_row_bytes_are_what_torchrec_allocates(bits, dim):
+    """The pinned row formula (torchrec 1.8: 32/16/16 B at D = 16, 80/48/32 B at D = 64 for
+    INT8/INT4/INT2) against the buffers the installed torchrec really allocates."""
+    row = torchrec_row_bytes(bits, dim)
+    layout = f"torchrec {version('torchrec')} / fbgemm-gpu {version('fbgemm-gpu-cpu')}"
+    # 128 rows: the 128-byte table alignment is a no-op, so the buffer is 128 torchrec rows
+    got = tbe_bytes(128, bits, dim)
+    assert got == 128 * row, (
+        f"{layout} stores {got / 128:g} B per {bits}-bit row at D = {dim}, the formula of "
+        f"encoding/torchrec_rows.py (measured on torchrec 1.8) says {row}: update torchrec_row_bytes")
+    # 13 rows: rounded up to the table alignment
+    got = tbe_bytes(13, bits, dim)
+    assert got == torchrec_table_bytes(13, bits, dim), f"{layout}: 13 rows take {got} B"
 
 
 def test_torchrec_export_close_to_packed(tmp_path):

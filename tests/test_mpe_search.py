@@ -5,14 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mpe import search
-from mpe.bitwidths import packed_table_bytes
+from mpe.bitwidths import packed_size_breakdown, packed_table_bytes
+from mpe.quantizer import LSQQuantizer
+from mpe.writer import write_packed_export
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CRITEO_SAMPLE = SHARED / "criteo_sample" / "train.txt"
-
-pytestmark = pytest.mark.slow
 
 SMALL = ["--hidden", "64", "32", "--batch-size", "1000", "--groups", "16", "--no-progress"]
 
@@ -31,6 +32,7 @@ def check_run(out: Path) -> dict:
     return report
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason="real Criteo sample not found in ../shared/data")
 def test_search_on_real_criteo_sample(tmp_path):
     out = tmp_path / "run"
@@ -44,6 +46,7 @@ def test_search_on_real_criteo_sample(tmp_path):
     assert 0.5 < report["test"]["auc"] < 1.0
 
 
+@pytest.mark.slow
 def test_search_on_synthetic_with_target_ratio(tmp_path):
     out = tmp_path / "run"
     rc = search.main(["--dataset", "criteo", "--synthetic", "30000", "--out", str(out),
@@ -55,10 +58,24 @@ def test_search_on_synthetic_with_target_ratio(tmp_path):
     ratio = report["compression_ratio"]
     assert 20 * 0.9 <= ratio <= 20 * 1.1, ratio
     assert report["lambda_trials"], "bisection ran no trial"
-    gor_bytes = packed_table_bytes(np.zeros(10, dtype=np.int64), 16, tuple(range(7)))
-    assert gor_bytes > 0  # a table of pruned rows still stores its id map and steps
 
 
+def test_all_pruned_table_stores_id_map_steps_and_offset(tmp_path):
+    """10 pruned rows, D = 16, candidates 0..6: no code files, only three .npy files, each a
+    128-byte v1.0 header + data: steps 7 x fp32, offset 16 x fp32, id map 63 bytes (9-byte
+    descriptor per candidate: kind u8 + count u32 + runs u32; bucket 0 holds every row, so it is
+    implicit and has no Elias-Fano block)."""
+    cands, dim = tuple(range(7)), 16
+    bits = np.zeros(10, dtype=np.int64)
+    expected = {"steps.npy": 128 + 7 * 4, "offset.npy": 128 + dim * 4, "id_map.npy": 128 + 9 * 7}
+    assert packed_size_breakdown(bits, dim, cands) == expected
+    assert packed_table_bytes(bits, dim, cands) == 539 == sum(expected.values())
+    header = write_packed_export(tmp_path / "e", torch.randn(10, dim), bits, LSQQuantizer(cands, dim, 10), ["x"], [0])
+    assert {name: (tmp_path / "e" / name).stat().st_size for name in header["files"]} == expected
+    assert header["total_bytes"] == 539
+
+
+@pytest.mark.slow
 def test_no_data_explains_how_to_get_it(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MPE_DATA_DIR", raising=False)
@@ -68,6 +85,7 @@ def test_no_data_explains_how_to_get_it(tmp_path, capsys, monkeypatch):
     assert "--data" in err and "--synthetic" in err and "Criteo" in err
 
 
+@pytest.mark.slow
 def test_unknown_dataset_is_a_clear_error(capsys):
     assert search.main(["--dataset", "movielens", "--synthetic", "100"]) == 2
     assert "unknown dataset 'movielens'" in capsys.readouterr().err
