@@ -50,6 +50,7 @@ from baselines.base import CompressedEmbedding, read_tables
 from baselines.registry import Method, MethodInputs
 from ctr.model import DEFAULT_INIT_STD
 from ctr.trainer import trainable_parameters
+from data.layout import field_offsets
 from encoding.packing import pack_codes, unpack_codes
 from encoding.sizes import bucket_code_bytes, code_range, npy_file_bytes
 
@@ -107,8 +108,7 @@ class ALPTEmbedding(CompressedEmbedding):
         self.seed = int(seed)
         low, high = code_range(self.bits)
         self.low, self.high = float(low), float(high)
-        offsets = np.concatenate([[0], np.cumsum(self.cardinalities)[:-1]])
-        self.register_buffer("field_offsets", torch.as_tensor(offsets, dtype=torch.int64))
+        self.register_buffer("field_offsets", torch.from_numpy(field_offsets(self.cardinalities)))
         self.register_buffer("codes", torch.zeros(self.num_rows(), self.dim, dtype=torch.int8))
         self.step = nn.Parameter(torch.ones(len(self.fields)))
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -37,7 +37,8 @@ from data.artifacts import (
     safe_child,
     sha256_file,
 )
-from encoding.sizes import npy_file_bytes
+from data.layout import field_offsets, global_ids
+from encoding.sizes import fp32_table_bytes, npy_file_bytes
 
 FORMAT = "ctr-compressed-tables"
 SCHEMA_VERSION = 1
@@ -91,18 +92,11 @@ class CompressedEmbedding(nn.Module):
 
     def fp32_bytes(self) -> int:
         """Bytes of the uncompressed fp32 tables this module replaces."""
-        return self.num_rows() * self.dim * 4
+        return fp32_table_bytes(self.num_rows(), self.dim)
 
     def global_ids(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         """int64 [B, F] global row ids (field offset + local id) of a single-valued KJT."""
-        batch = kjt.stride()
-        values = kjt.values()
-        if values.numel() != batch * len(self.fields):
-            raise ValueError(f"{type(self).__name__} takes single-valued fields (one id per field and example)")
-        offsets = torch.as_tensor(
-            np.concatenate([[0], np.cumsum(self.cardinalities)[:-1]]), dtype=torch.int64, device=values.device
-        )
-        return values.view(len(self.fields), batch).t().to(torch.int64) + offsets
+        return global_ids(kjt, torch.from_numpy(field_offsets(self.cardinalities)), type(self).__name__)
 
 
 def _digest(header: Mapping[str, Any]) -> str:

@@ -36,13 +36,14 @@ from baselines.budget import budget_bytes, parse_ratio
 from baselines.registry import Method, MethodInputs
 from baselines.remapped import RemappedTables, StoredTable
 from ctr.model import DEFAULT_INIT_STD
+from data.layout import field_offsets
 from encoding.packing import ef_decode, ef_encode, ef_nbytes
 from encoding.sizes import npy_file_bytes
 
 
 def oov_rows(cardinalities: Sequence[int]) -> np.ndarray:
     """int64 [F] global ids of the fields' OOV rows (local id 0)."""
-    return np.concatenate([[0], np.cumsum(cardinalities)[:-1]]).astype(np.int64)
+    return field_offsets(cardinalities)
 
 
 def kept_ids(frequency: np.ndarray, cardinalities: Sequence[int], min_count: int) -> np.ndarray:

@@ -58,6 +58,7 @@ from baselines.base import CompressedEmbedding, read_tables
 from baselines.budget import budget_bytes, is_ratio, parse_ratio
 from baselines.registry import Method, MethodInputs
 from ctr.model import DEFAULT_INIT_STD, build_ebc, field_rows, table_name
+from data.layout import field_offsets
 from encoding.packing import ef_decode, ef_encode, ef_nbytes
 from encoding.sizes import npy_file_bytes
 
@@ -150,7 +151,7 @@ class PEPEmbedding(CompressedEmbedding):
         self._init_weights()
         rows = len(self.fields) if granularity == "field_dim" else self.num_rows()
         self.threshold = nn.Parameter(torch.full((rows, self.dim), self.threshold_init))
-        offsets = np.concatenate([[0], np.cumsum(self.cardinalities)[:-1]]).astype(np.int64)
+        offsets = field_offsets(self.cardinalities)
         self.register_buffer("field_offsets", torch.from_numpy(offsets), persistent=False)
         field_of = np.repeat(np.arange(len(self.fields)), self.cardinalities)
         self.register_buffer("field_of_row", torch.from_numpy(field_of), persistent=False)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from baselines.base import CompressedEmbedding
+from encoding.sizes import fp32_table_bytes
 
 Kind = Literal["train", "post", "pipeline"]
 
@@ -52,7 +53,7 @@ class MethodInputs:
 
     @property
     def fp32_bytes(self) -> int:
-        return self.num_rows * self.dim * 4
+        return fp32_table_bytes(self.num_rows, self.dim)
 
 
 OptimizerFactory = Callable[[nn.Module, float], list[torch.optim.Optimizer]]

@@ -20,6 +20,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from baselines.base import CompressedEmbedding
 from ctr.model import DEFAULT_INIT_STD
 from data.batches import to_kjt
+from data.layout import field_offsets
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class RemappedTables(CompressedEmbedding):
                     w.normal_(0.0, init_std)
                 else:
                     w.fill_(1.0)
-        offsets = np.concatenate([[0], np.cumsum(self.cardinalities)[:-1]]).astype(np.int64)
+        offsets = field_offsets(self.cardinalities)
         self.register_buffer("field_offsets", torch.from_numpy(offsets), persistent=False)
 
     # -- lookups ------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from data.artifacts import (
     seal_json,
     sha256_file,
 )
+from data.layout import field_offsets
 from data.manifest import (
     FREQUENCY_FILE,
     MANIFEST_DIGEST,
@@ -551,7 +552,7 @@ def prepare(
     vocabs = [build_vocabulary(p, counts[p.source], int(min_count)) for p in plans]
     del counts
     cards = np.array([v.cardinality for v in vocabs], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int64)
+    offsets = field_offsets(cards)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")

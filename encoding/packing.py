@@ -330,7 +330,9 @@ def decode_id_map(blob: np.ndarray, num_rows: int, num_candidates: int) -> tuple
 
 
 def id_map_to_index(blob: np.ndarray, num_rows: int, num_candidates: int) -> np.ndarray:
-    """int64 [N] candidate index of every row (dense; for tests and small tables)."""
+    """int64 [N]: the inverse of ``encode_id_map``, the candidate index of every row, as one
+    dense array (N x 8 bytes: for inspecting an export and for small tables; lookups use
+    ``decode_id_map``'s sets)."""
     kinds, sets = decode_id_map(blob, num_rows, num_candidates)
     out = np.full(num_rows, kinds.index(KIND_IMPLICIT), dtype=np.int64)
     for i, s in sets.items():

@@ -20,15 +20,9 @@ def code_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def packed_row_bytes(bits: int, dim: int) -> float:
-    """Bytes of one row's codes: ``bits * dim / 8`` (rows are packed back to back, so a
-    row need not end on a byte boundary; the bucket total is rounded up once)."""
-    code_range(bits)
-    return bits * dim / 8
-
-
 def bucket_code_bytes(num_rows: int, bits: int, dim: int) -> int:
-    """Bytes of a bucket file: ``ceil(num_rows * bits * dim / 8)``."""
+    """Bytes of a bucket file: ``ceil(num_rows * bits * dim / 8)`` (rows are packed back to
+    back, so a row need not end on a byte boundary; the total is rounded up once)."""
     return (int(num_rows) * int(bits) * int(dim) + 7) // 8
 
 

@@ -61,6 +61,7 @@ from data.artifacts import (
     atomic_write_json,
     load_torch,
     read_json,
+    replace_dir,
     sha256_file,
 )
 from data.batches import PreparedDataset
@@ -272,10 +273,8 @@ class Benchmark:
         }
         if self.args.keep_exports:
             dest = self.out / "exports" / rid
-            if dest.exists():
-                shutil.rmtree(dest)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(res.export_dir), dest)
+            replace_dir(res.export_dir, dest)
             details["export_dir"] = str(dest)
         # the retrained model, checkpoints and export are not needed once measured
         for name in (SEARCH_DIR, RETRAIN_DIR, EXPORT_DIR, SEARCH_MODEL_FILE, MODEL_FILE):

@@ -31,6 +31,7 @@ from encoding.sizes import bucket_code_bytes
 from mpe.bitwidths import validate_candidates
 from mpe.format import (
     FORMAT,
+    HEADER_DIGEST,
     HEADER_FILE,
     ID_MAP_FILE,
     OFFSET_FILE,
@@ -240,7 +241,7 @@ def _read_header(root: Path) -> dict[str, Any]:
         raise _fail(
             path, f"unsupported schema_version {header.get('schema_version')!r} (this reader knows {SCHEMA_VERSION})"
         )
-    if header.get("header_sha256") != header_digest(header):
+    if header.get(HEADER_DIGEST) != header_digest(header):
         raise _fail(path, "header checksum mismatch; the header was edited or is corrupted")
     try:
         dim, num_rows = int(header["dim"]), int(header["num_rows"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,8 +39,11 @@ def test_adapt_end_to_end_and_resume(avazu_sample: Path, tmp_path: Path) -> None
         assert int(lora["trainable_params"]) == int(lora["budget_params"])
         assert int(gen["trainable_params"]) <= int(gen["budget_params"]) == int(lora["budget_params"])
         assert float(gen["effective_rank"]) > 0 and float(lora["effective_rank"]) > 0
+    # 900 test rows, 163 clicks: a chance scorer gets AUC 0.5 +- 0.025 (1 sd); measured 0.541 (head)
+    # .. 0.543 (none, genlora) .. 0.552 / 0.554 (lora r1 / r2) .. 0.574 (full)
     for r in rows:
-        assert 0.0 <= float(r["test_auc"]) <= 1.0 and float(r["test_logloss"]) > 0
+        assert float(r["test_auc"]) > 0.53, (r["method"], r["setting"], r["test_auc"])
+        assert math.isfinite(float(r["test_logloss"])) and float(r["test_logloss"]) > 0, r  # measured 0.746 .. 0.755
     assert by[("none", "-")]["effective_rank"] == "" and float(by[("full", "-")]["effective_rank"]) > 0
     for name in ("auc_vs_params.png", "rank_vs_params.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,9 +86,16 @@ def test_adapt_on_mpe_export_embeddings(tmp_path: Path) -> None:
     assert adapt.main(argv) == 0
     rows = {r["method"]: r for r in _rows(out / "results.csv")}
     assert set(rows) == {"none", "lora"}
-    report = (out / "mpe_seed2022" / "report.json").read_text()
-    assert '"export_test_auc"' in report
-    assert (out / "mpe_seed2022" / "export" / "header.json").is_file()
+    report = json.loads((out / "mpe_seed2022" / "report.json").read_text())
+    header = json.loads((out / "mpe_seed2022" / "export" / "header.json").read_text())
+    # the MPE run really exported at ~10x: measured 52,350 B of 574,912 B fp32 (10.98x)
+    assert report["packed_bytes"] == header["total_bytes"] == sum(f["bytes"] for f in header["files"].values())
+    assert report["compression_ratio"] == pytest.approx(report["fp32_bytes"] / report["packed_bytes"])
+    assert report["compression_ratio"] >= 9.0, report["compression_ratio"]
+    # "none" serves the exported tables unchanged: its AUC is the export's own test AUC (0.7157 measured)
+    assert report["test"]["rows"] == 3000 and report["export_test_auc"] == report["test"]["auc"]
+    assert float(rows["none"]["test_auc"]) == pytest.approx(report["export_test_auc"], rel=1e-9, abs=1e-12)
     assert int(rows["lora"]["trainable_params"]) > 0 and float(rows["lora"]["effective_rank"]) > 0
-    assert float(rows["none"]["test_auc"]) > 0.5
+    # synthetic data with signal: measured 0.7157 (none), 0.7170 (lora r2)
+    assert float(rows["none"]["test_auc"]) > 0.65 and float(rows["lora"]["test_auc"]) > 0.65, rows
     assert "MPE 10x export embeddings" in (out / "results.md").read_text()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from encoding.sizes import code_range, packed_row_bytes
+from encoding.sizes import bucket_code_bytes, code_range
 from mpe.bitwidths import DEFAULT_CANDIDATES, threshold_probability, validate_candidates
 from mpe.quantizer import LSQQuantizer, gumbel_like
 
@@ -44,7 +44,7 @@ def test_validate_candidates_and_facts():
             validate_candidates(bad)
     assert threshold_probability(DEFAULT_CANDIDATES) == pytest.approx(1 / 14)
     assert code_range(1) == (-1, 0) and code_range(4) == (-8, 7) and code_range(0) == (0, 0)
-    assert packed_row_bytes(3, 16) == 6 and packed_row_bytes(3, 7) == 21 / 8
+    assert bucket_code_bytes(1, 3, 16) == 6 and bucket_code_bytes(8, 3, 7) == 21  # 21/8 bytes a row
 
 
 def test_init_and_grad_scale():
