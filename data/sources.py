@@ -14,8 +14,10 @@ from pathlib import Path
 
 from data.artifacts import ArtifactError
 from data.batches import PreparedDataset
+from data.prepare import prepare
 from data.reader import ON_BAD_ROWS
 from data.schema import SCHEMAS, get_schema
+from data.synthetic import GENERATOR_VERSION, generate
 from data.transforms import SPLIT_METHODS
 
 DEFAULT_CACHE = Path("runs") / "cache"
@@ -74,7 +76,6 @@ def how_to_get(dataset: str) -> str:
 
 def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
     """Turn the shared data options into a ``PreparedDataset`` (generating / preparing as needed)."""
-    from data.prepare import prepare
 
     schema = get_schema(args.dataset)
     args.dataset = schema.name
@@ -87,7 +88,6 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
         if raw is None:
             raise DataNotFoundError(how_to_get(schema.name))
     if raw is None:
-        from data.synthetic import GENERATOR_VERSION, generate
 
         raw = cache / "synthetic" / (
             f"{schema.name}_v{GENERATOR_VERSION}_{args.synthetic}rows_{args.days}d_drift{args.drift:g}_s{args.data_seed}"

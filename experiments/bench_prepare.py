@@ -36,6 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data.prepare import count_pass, field_plans, make_reader, prepare, source_columns
+from data.reader import DEFAULT_BLOCK_SIZE
+from data.schema import CRITEO
+from data.synthetic import generate
+
 CONTENDERS = (
     "arrow_count",
     "pandas_count",
@@ -72,7 +77,6 @@ def make_input(out: Path, rows: int, seed: int) -> Path:
     if path.exists():
         return path
     out.mkdir(parents=True, exist_ok=True)
-    from data.synthetic import generate
 
     t = time.perf_counter()
     generate("criteo", rows, path, seed=seed, progress=True)
@@ -85,8 +89,6 @@ def make_input(out: Path, rows: int, seed: int) -> Path:
 # workers (each runs in its own process)
 # ---------------------------------------------------------------------------------------------
 def _work_arrow_count(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from data.prepare import count_pass, field_plans, make_reader, source_columns
-    from data.schema import CRITEO
 
     rss0 = _rss_mb()
     t = time.perf_counter()
@@ -100,7 +102,6 @@ def _work_arrow_count(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 def _work_pandas_count(path: Path, args: argparse.Namespace, infer: bool) -> dict[str, Any]:
     import pandas as pd
 
-    from data.schema import CRITEO
 
     rss0 = _rss_mb()
     names = list(CRITEO.columns)
@@ -124,7 +125,6 @@ def _work_read_csv(path: Path, args: argparse.Namespace, infer: bool) -> dict[st
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from data.schema import CRITEO
 
     rss0 = _rss_mb()
     names = list(CRITEO.columns)
@@ -143,7 +143,6 @@ def _work_read_csv(path: Path, args: argparse.Namespace, infer: bool) -> dict[st
 def _work_prepare_full(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     import shutil
 
-    from data.prepare import prepare
 
     rss0 = _rss_mb()
     out = Path(args.out) / "prepared_bench"
@@ -200,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.block_size is None:
-        from data.reader import DEFAULT_BLOCK_SIZE
 
         args.block_size = DEFAULT_BLOCK_SIZE
     if args.worker:
