@@ -79,6 +79,7 @@ def build_model(data: PreparedDataset, cfg: MPEConfig, lam: float | None = None)
     )
     return CTRModel(embedding, cfg.model.build_tower(len(data.fields)))
 
+
 def mpe_optimizers(cfg: MPEConfig):
     """Adam for logits / steps / offset (no weight decay) and Adam with L2 for rows and tower."""
 
@@ -94,10 +95,12 @@ def mpe_optimizers(cfg: MPEConfig):
 
     return factory
 
+
 def stage_train_config(cfg: MPEConfig, **overrides) -> TrainConfig:
     """The trainer's settings of a search or retrain stage: the L2 goes to the rows and the
     tower only (``mpe_optimizers``), not to the precision logits, steps and offset."""
     return replace(cfg.train, weight_decay=0.0, embedding_weight_decay=cfg.train.weight_decay, **overrides)
+
 
 def search(
     model: CTRModel, data: PreparedDataset, cfg: MPEConfig, out: Path | None, resume: bool = False,
@@ -113,6 +116,7 @@ def search(
         print(distributed.describe_plan(trainer.plan, dist), flush=True)
     train = data.split("train") if train is None else train
     return trainer.fit(train, data.split("val"), data.fields, resume=resume)
+
 
 def select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, budget_bytes: int | None) -> tuple[np.ndarray, dict]:
     """One bit-width per group from the learned distributions, by ``cfg.search.selection``."""
@@ -137,9 +141,11 @@ def select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, budget_bytes:
     info = {"strategy": "budgeted", "budget_bytes": int(budget), **info}
     return _zero_pruned(emb, bits), info
 
+
 def _zero_pruned(emb: MixedPrecisionEmbedding, bits: np.ndarray) -> np.ndarray:
     """0 bits for the groups whose rows are all pruned by construction (never seen in training)."""
     return np.where(emb.pruned_groups(), 0, bits) if 0 in emb.candidates else bits
+
 
 def retrain(
     model: CTRModel, init_weight: torch.Tensor, bits: np.ndarray, data: PreparedDataset, cfg: MPEConfig,
@@ -151,6 +157,7 @@ def retrain(
     emb.fix_bits(bits)
     trainer = Trainer(model, stage_train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg), dist=dist)
     return trainer.fit(data.split("train"), data.split("val"), data.fields, resume=resume)
+
 
 def adjust_to_ratio(
     bits: np.ndarray, group_freq: np.ndarray, candidates: tuple[int, ...], ratio_of, target: float,
@@ -188,10 +195,12 @@ def adjust_to_ratio(
         steps.append(f"group {int(g)} -> {int(bits[g])} bits")
     return bits, steps
 
+
 def compression_ratio(data: PreparedDataset, emb: MixedPrecisionEmbedding, bits: np.ndarray) -> float:
     """fp32 table bytes / packed bytes of ``emb``'s rows at ``bits`` [G] (pruned rows included)."""
     packed = packed_table_bytes(emb.row_bits(bits), emb.dim, emb.candidates)
     return fp32_table_bytes(data.num_features, emb.dim) / max(1, packed)
+
 
 def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float,
                 dist: DistEnv | None = None) -> tuple[float, list[dict]]:
@@ -220,6 +229,7 @@ def find_lambda(data: PreparedDataset, cfg: MPEConfig, target: float,
             hi = log_lam
         log_lam = (lo + hi) / 2
     return best[0], trials
+
 
 def fp32_baseline(data: PreparedDataset, cfg: MPEConfig, dist: DistEnv | None = None) -> dict:
     """Test metrics of the fp32 model on the same data, tower, training settings and seed.
@@ -252,9 +262,11 @@ def fp32_baseline(data: PreparedDataset, cfg: MPEConfig, dist: DistEnv | None = 
             pass  # a read-only prepared directory: no cache, the result is still reported
     return {**result, "cached": False}
 
+
 def _log(cfg: MPEConfig, dist: DistEnv | None = None):
     quiet = not cfg.train.progress or (dist is not None and not dist.is_main)
     return (lambda _msg: None) if quiet else print
+
 
 def check_ranks_agree(bits: np.ndarray, dist: DistEnv | None) -> list[str]:
     """sha256 of every rank's selected bits; ``RuntimeError`` when the ranks disagree."""
@@ -269,6 +281,8 @@ def check_ranks_agree(bits: np.ndarray, dist: DistEnv | None) -> list[str]:
     return digests
 
 # -- the stages of ``run`` ------------------------------------------------------------------
+
+
 def stage_lambda(data: PreparedDataset, cfg: MPEConfig, stages: Stages, dist: DistEnv | None) -> tuple[float, list[dict]]:
     """lambda: given, or found by bisection for ``--target-ratio`` (recorded)."""
     if "lambda" in stages:
