@@ -52,7 +52,7 @@ from ctr.model import DEFAULT_INIT_STD
 from ctr.trainer import trainable_parameters
 from data.layout import field_offsets
 from encoding.packing import pack_codes, unpack_codes
-from encoding.sizes import bucket_code_bytes, code_range, npy_file_bytes
+from encoding.sizes import MAX_BITS, bucket_code_bytes, code_range, npy_file_bytes
 
 SETTINGS = ("int8", "int4")
 RowOptimizer = Literal["adam", "sgd"]
@@ -63,7 +63,7 @@ _INIT_CHUNK = 1 << 18  # rows drawn and quantized at a time at init (bounds the 
 def parse_bits(setting: str) -> int:
     """``"int8"`` -> 8, ``"int4"`` -> 4 (also ``"8"``, ``"4"``, and 2..8 generally)."""
     text = setting.removeprefix("int")
-    if not text.isdigit() or not 2 <= int(text) <= 8:
+    if not text.isdigit() or not 2 <= int(text) <= MAX_BITS:
         raise ValueError(f"alpt setting {setting!r} is not an integer bit-width 'int2'..'int8' (e.g. 'int8', 'int4')")
     return int(text)
 

@@ -29,6 +29,7 @@ from baselines.base import CompressedEmbedding
 from baselines.registry import Method, MethodInputs
 from ctr.model import DEFAULT_INIT_STD
 from ctr.trainer import trainable_parameters
+from encoding.sizes import MAX_BITS
 from mpe.bitwidths import packed_table_bytes
 from mpe.embedding import MixedPrecisionEmbedding
 from mpe.writer import write_packed_export
@@ -39,7 +40,7 @@ SETTINGS = ("8", "6", "4", "2")
 def parse_bits(setting: str) -> int:
     """``"6"`` (or ``"int6"``) -> 6; ``ValueError`` unless an integer bit-width in 1..8."""
     text = setting.removeprefix("int")
-    if not text.isdigit() or not 1 <= int(text) <= 8:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_BITS:
         raise ValueError(f"lsq setting {setting!r} is not a bit-width in 1..8 (e.g. '8', '4')")
     return int(text)
 

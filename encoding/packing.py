@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from encoding.sizes import MAX_BITS, packed_nbytes
+
 KIND_EMPTY, KIND_IMPLICIT, KIND_ELEMENTS, KIND_RUNS = 0, 1, 2, 3
 _CHUNK = 1 << 20  # values per chunk; a multiple of 8, so every chunk ends on a byte
 
@@ -38,11 +40,6 @@ _CHUNK = 1 << 20  # values per chunk; a multiple of 8, so every chunk ends on a 
 # ---------------------------------------------------------------------------------------
 # unsigned fixed-width bit packing (any width 0..64)
 # ---------------------------------------------------------------------------------------
-def packed_nbytes(count: int, width: int) -> int:
-    """Bytes of ``count`` values of ``width`` bits packed back to back."""
-    return (int(count) * int(width) + 7) // 8
-
-
 def pack_unsigned(values: np.ndarray, width: int) -> np.ndarray:
     """uint8 [ceil(n * width / 8)]: the 1-D non-negative ``values`` in ``width`` bits each,
     LSB first, little-endian bit order. Values must be < 2^width."""
@@ -93,8 +90,8 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.asarray(codes)
     if codes.ndim != 2:
         raise ValueError(f"codes must be [n, dim], got shape {codes.shape}")
-    if not 0 <= bits <= 8:
-        raise ValueError(f"bit-width {bits} is outside 0..8")
+    if not 0 <= bits <= MAX_BITS:
+        raise ValueError(f"bit-width {bits} is outside 0..{MAX_BITS}")
     if bits == 0:
         if codes.size and np.any(codes != 0):
             raise ValueError("0-bit (pruned) rows have no codes other than 0")
@@ -103,15 +100,15 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     c = codes.astype(np.int64).reshape(-1)
     if c.size and (c.min() < -half or c.max() > half - 1):
         raise ValueError(f"codes outside {-half}..{half - 1} cannot be stored in {bits} bits")
-    if bits == 8:
+    if bits == MAX_BITS:
         return (c + half).astype(np.uint8)
     return pack_unsigned(c + half, bits)
 
 
 def unpack_codes(buf: np.ndarray, n: int, dim: int, bits: int) -> np.ndarray:
     """int8 [n, dim]: the signed codes stored by ``pack_codes``."""
-    if not 0 <= bits <= 8:
-        raise ValueError(f"bit-width {bits} is outside 0..8")
+    if not 0 <= bits <= MAX_BITS:
+        raise ValueError(f"bit-width {bits} is outside 0..{MAX_BITS}")
     buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
     if bits == 0:
         if buf.size:

@@ -20,10 +20,15 @@ def code_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def packed_nbytes(count: int, width: int) -> int:
+    """Bytes of ``count`` values of ``width`` bits packed back to back: ``ceil(count * width / 8)``."""
+    return (int(count) * int(width) + 7) // 8
+
+
 def bucket_code_bytes(num_rows: int, bits: int, dim: int) -> int:
     """Bytes of a bucket file: ``ceil(num_rows * bits * dim / 8)`` (rows are packed back to
     back, so a row need not end on a byte boundary; the total is rounded up once)."""
-    return (int(num_rows) * int(bits) * int(dim) + 7) // 8
+    return packed_nbytes(int(num_rows) * int(dim), bits)
 
 
 def npy_file_bytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:

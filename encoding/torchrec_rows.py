@@ -18,6 +18,8 @@ from torchrec.quant.embedding_modules import (
     EmbeddingBagCollection as QuantEmbeddingBagCollection,
 )
 
+from encoding.sizes import MAX_BITS
+
 DEFAULT_ROW_ALIGNMENT = 16
 SCALE_BIAS_BYTES = 4  # fp16 scale + fp16 bias per row
 TABLE_ALIGNMENT = 128  # fbgemm aligns every table to a 128-byte cache line
@@ -27,8 +29,8 @@ _QDTYPE = {DataType.INT2: torch.quint2x4, DataType.INT4: torch.quint4x2, DataTyp
 
 def torchrec_data_type(bits: int) -> DataType:
     """The narrowest torchrec n-bit type holding ``bits`` (1..8) bits."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"no torchrec n-bit type for {bits} bits (1..8)")
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"no torchrec n-bit type for {bits} bits (1..{MAX_BITS})")
     return DataType.INT2 if bits <= 2 else DataType.INT4 if bits <= 4 else DataType.INT8
 
 

@@ -394,7 +394,7 @@ def write_markdown(path: Path, points: Sequence[dict], title: str, agreement: di
 
 def plot(path: Path, points: Sequence[dict], title: str) -> None:
     """Mean test AUC (min-max bars over seeds) against bytes, log x; the front as a black step line."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

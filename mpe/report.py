@@ -122,7 +122,7 @@ def summary_table(report: dict) -> str:
 
 def plot_bits(path: Path, group_freq: np.ndarray, bits: np.ndarray, title: str) -> None:
     """PNG of the chosen bit-width of each group against its mean training frequency."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
