@@ -15,8 +15,6 @@ the JSON config needed to rebuild the module, and per file its bytes and sha256)
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,9 @@ from data.artifacts import (
     json_digest,
     load_npy,
     read_json,
-    replace_dir,
     safe_child,
     sha256_file,
+    staged_dir,
 )
 from data.layout import field_offsets, global_ids
 from encoding.sizes import fp32_table_bytes, npy_file_bytes
@@ -113,9 +111,7 @@ def write_tables(
 ) -> dict[str, Any]:
     """Write ``arrays`` as ``NAME.npy`` files plus ``header.json`` into ``out_dir`` atomically."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         files = {}
         for name, array in arrays.items():
             fname = f"{name}.npy"
@@ -133,10 +129,6 @@ def write_tables(
         }
         header[HEADER_DIGEST] = _digest(header)
         atomic_write_json(tmp / HEADER_FILE, header)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return header
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +14,8 @@ from data.artifacts import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_npy,
-    replace_dir,
     sha256_file,
+    staged_dir,
 )
 from encoding.packing import encode_id_map, pack_codes
 from encoding.sizes import fp32_table_bytes
@@ -87,9 +85,7 @@ def write_packed_export(
     _check_fields(field_names, field_offsets, num_rows)
     counts = np.bincount(idx, minlength=len(cands))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         names = []
         for i, b in enumerate(cands):
             if b > 0 and counts[i] > 0:
@@ -128,9 +124,5 @@ def write_packed_export(
         }
         header[HEADER_DIGEST] = header_digest(header)
         atomic_write_json(tmp / HEADER_FILE, header)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return header
 
