@@ -77,3 +77,15 @@ def test_public_api(package: str, names: list[str]) -> None:
     missing = [n for n in names if not hasattr(module, n)]
     assert not missing, f"{package} lacks {missing}"
     assert set(names) <= set(module.__all__)
+
+
+def test_every_package_is_installed() -> None:
+    """``pip install .`` ships every package: pyproject's find patterns match them all."""
+    import fnmatch
+
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    missing = [p for p in PACKAGES if not any(fnmatch.fnmatch(p, pat) for pat in patterns)]
+    assert not missing, f"pyproject.toml does not install {missing}"
