@@ -179,6 +179,12 @@ class Layout:
     compression: str | None
 
 
+def _kaggle_csv_header(first: str) -> bool:
+    """True for the header of the Kaggle CSV copies of Criteo: ``Id,Label,I1,...,C26``."""
+    names = [n.strip().strip('"').lower() for n in first.split(",")]
+    return names[:2] == ["id", "label"] and names[2:] == [c.lower() for c in CRITEO.columns[1:]]
+
+
 def _looks_like(first: str) -> str | None:
     tabs = first.split("\t")
     commas = first.split(",")
@@ -235,6 +241,16 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
             f"header does not match {schema.name}: expected "
             f"'{schema.delimiter.join(schema.columns[:4])}{schema.delimiter}...' "
             f"({len(schema.columns)} columns), found '{shown}'",
+            line=1,
+        )
+    first_line = lines[0].rstrip(b"\r").removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace")
+    if schema.name == CRITEO.name and _kaggle_csv_header(first_line):
+        raise RawFormatError(
+            path,
+            "this is the Kaggle CSV copy of Criteo (comma-separated, header 'Id,Label,I1,...,C26'), not "
+            "the original train.txt (tab-separated, no header, no Id): convert it with "
+            f"`tail -n +2 {path.name} | cut -d, -f2- | tr ',' '\\t' > train.txt` (Criteo values hold no "
+            "commas) and pass train.txt",
             line=1,
         )
     # No header (Criteo): the first non-blank line decides between train (40) and test (39).

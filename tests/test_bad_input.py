@@ -157,6 +157,21 @@ def test_criteo_test_file_is_refused(criteo_sample, tmp_path):
     assert reader.rows == 20
 
 
+def test_kaggle_csv_copy_of_criteo_is_named_and_its_conversion_works(criteo_sample, tmp_path):
+    rows = criteo_rows(criteo_sample, 200)
+    header = "Id,Label," + ",".join(CRITEO.columns[1:])
+    src = tmp_path / "train.csv"
+    src.write_text(header + "\n" + "".join(f"{10_000_000 + i}," + ",".join(r) + "\n" for i, r in enumerate(rows)))
+    err = prepare_error("criteo", src, tmp_path / "out")
+    assert_names(err, "train.csv", 1, None)
+    assert "Kaggle CSV copy of Criteo" in str(err) and "line ends early" not in str(err)
+    command = str(err).split("`")[1]  # the conversion the message gives, run as it says
+    subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    assert (tmp_path / "train.txt").read_text() == write_criteo(tmp_path / "expected.txt", rows).read_text()
+    manifest = prepare("criteo", tmp_path / "train.txt", tmp_path / "out", progress=False)
+    assert manifest["rows"]["total"] == 200
+
+
 def test_row_longer_than_block(criteo_sample, tmp_path):
     rows = criteo_rows(criteo_sample)
     set_value(rows, CRITEO, 3, "C1", "a" * 5000)
