@@ -92,7 +92,7 @@ COLUMNS = (
 )
 # options that only choose which runs to do (or how to show them); every other option must
 # match for OUT to be resumed
-RUN_SELECTION = ("out", "methods", "ranks", "seed", "seeds", "no_progress")
+RUN_SELECTION = ("out", "methods", "ranks", "seed", "seeds", "no_progress", "cache_dir")
 DEFAULT_MPE_RATIO = 10.0
 
 

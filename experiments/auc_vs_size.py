@@ -85,7 +85,7 @@ COLUMNS = (
 )
 # options that only choose which runs to do (or how to show them); every other option must
 # match for OUT to be resumed
-RUN_SELECTION = ("out", "methods", "seed", "seeds", "keep_exports", "no_progress")
+RUN_SELECTION = ("out", "methods", "seed", "seeds", "keep_exports", "no_progress", "cache_dir")
 PNG, MARKDOWN, CSV = "auc_vs_size.png", "auc_vs_size.md", "results.csv"
 AGREEMENT = "mpe_seed_agreement.json"
 
