@@ -203,8 +203,7 @@ def pretrain(args, data, seed: int, out: Path, log) -> CTRModel:
 def mpe_config(args: argparse.Namespace, dataset: str, seed: int) -> MPEConfig:
     """The MPE pretraining of ``seed``: ``MPEConfig.from_args``, as the CLI builds it (target
     ``--mpe-target-ratio``); no fp32 comparison (the ``none`` rows on fp32 are the benchmark's)."""
-    cfg = MPEConfig.from_args(args, dataset=dataset)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed), fp32_baseline=False)
+    return MPEConfig.from_args(args, dataset=dataset, seed=seed, fp32_baseline=False)
 
 
 def pretrain_mpe(args, data, seed: int, out: Path, log) -> CTRModel:

@@ -162,8 +162,8 @@ def export_and_measure(embedding: CompressedEmbedding, out_dir: Path) -> dict:
 def mpe_config(args: argparse.Namespace, dataset: str, setting: str, seed: int) -> MPEConfig:
     """The MPE run of ``setting`` (``x<R>``) and ``seed``: ``MPEConfig.from_args``, as the CLI
     builds it, at target ratio R; no fp32 comparison (the benchmark has its own fp32 rows)."""
-    cfg = MPEConfig.from_args(args, dataset=dataset, target_ratio=target_ratio(setting), lam=None)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed), fp32_baseline=False)
+    return MPEConfig.from_args(args, dataset=dataset, seed=seed, fp32_baseline=False,
+                               target_ratio=target_ratio(setting), lam=None)
 
 
 class Benchmark:

@@ -77,12 +77,14 @@ class MPEConfig:
         return self.search.lam if self.search.lam is not None else DEFAULT_LAMBDA[self.dataset]
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, dataset: str | None = None, **search_overrides) -> MPEConfig:
+    def from_args(cls, args: argparse.Namespace, dataset: str | None = None, seed: int | None = None,
+                  fp32_baseline: bool | None = None, **search_overrides) -> MPEConfig:
         """The config of parsed ``add_training_arguments`` + ``add_mpe_arguments`` options.
 
         ``dataset``: the resolved dataset name (default ``args.dataset``); ``--weight-decay``
-        absent means the dataset's ``DEFAULT_L2``. ``search_overrides`` replace search fields
-        (a benchmark's target ratio, say).
+        absent means the dataset's ``DEFAULT_L2``. ``seed`` replaces ``--seed`` (a benchmark's
+        run of several seeds), ``fp32_baseline`` the CLI's ``--no-fp32-baseline``, and
+        ``search_overrides`` the search fields (a benchmark's target ratio, say).
         """
         name = get_schema(dataset or args.dataset).name  # ValueError naming the known datasets
         search = SearchConfig(
@@ -90,10 +92,13 @@ class MPEConfig:
             mode=args.mode, tau=args.tau, selection=args.selection, samples=args.samples,
             bisection_steps=args.bisection_steps, bisection_fraction=args.bisection_fraction,
         )
+        train = train_config(args, weight_decay=DEFAULT_L2[name])
+        if fp32_baseline is None:
+            fp32_baseline = not getattr(args, "no_fp32_baseline", False)
         return cls(
-            dataset=name, model=model_config(args), train=train_config(args, weight_decay=DEFAULT_L2[name]),
-            search=dataclasses.replace(search, **search_overrides),
-            fp32_baseline=not getattr(args, "no_fp32_baseline", False),
+            dataset=name, model=model_config(args),
+            train=train if seed is None else dataclasses.replace(train, seed=seed),
+            search=dataclasses.replace(search, **search_overrides), fp32_baseline=fp32_baseline,
         )
 
     def settings(self) -> dict:

@@ -103,7 +103,6 @@ class MixedPrecisionEmbedding(nn.Module):
         self.quantizer = LSQQuantizer(self.candidates, dim, num_rows)
         self.quantizer.init_steps(self.global_weight())
         self.phase = "search"
-        self.has_pruned_rows = bool(pruned.any())
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -189,8 +188,8 @@ class MixedPrecisionEmbedding(nn.Module):
             out = self.quantizer.mix_expected(flat, self.probabilities().index_select(0, groups))
         else:
             out = self.quantizer.mix_sampled(flat, (self.logits / self.tau).index_select(0, groups), tau=1.0)
-        if self.has_pruned_rows:
-            out = out * (~self.pruned_rows.index_select(0, unique)).unsqueeze(1).to(out.dtype)
+        # rows pruned by construction look up as zeros (x * 1 is exact for the others)
+        out = out * (~self.pruned_rows.index_select(0, unique)).unsqueeze(1).to(out.dtype)
         return out.index_select(0, inverse).view_as(rows)
 
     def expected_bits(self) -> torch.Tensor:

@@ -40,16 +40,15 @@ def export_model(
     exactly the in-memory model's predictions. Returns sizes (and that test AUC).
     """
     emb: MixedPrecisionEmbedding = model.embedding
-    meta = description
     out = Path(out_dir)
     header = write_packed_export(
-        out, emb.global_weight(), emb.bits_per_row(), emb.quantizer, meta["fields"], meta["field_offsets"],
+        out, emb.global_weight(), emb.bits_per_row(), emb.quantizer, description["fields"], description["field_offsets"],
         extra_meta={**(extra_meta or {}), "bits_per_group": emb.bits_per_group().tolist()},
     )
     atomic_torch_save(out / TOWER_FILE, model.tower.state_dict())
     atomic_write_json(out / TOWER_META, {
-        "file": TOWER_FILE, "sha256": sha256_file(out / TOWER_FILE), "tower": meta["tower"],
-        "hidden": meta["hidden"], "dim": meta["dim"], "fields": meta["fields"], "field_offsets": meta["field_offsets"],
+        "file": TOWER_FILE, "sha256": sha256_file(out / TOWER_FILE), "tower": description["tower"],
+        "hidden": description["hidden"], "dim": description["dim"], "fields": description["fields"], "field_offsets": description["field_offsets"],
     })
     served = load_served_model(out)
     result: dict[str, Any] = {"total_bytes": served.embedding.num_bytes(), "header_total_bytes": header["total_bytes"]}

@@ -34,7 +34,7 @@ from data.artifacts import (
 )
 from data.batches import PreparedDataset, SplitArrays
 from encoding.sizes import fp32_table_bytes
-from mpe.bitwidths import packed_table_bytes, validate_candidates
+from mpe.bitwidths import packed_table_bytes
 from mpe.config import MPEConfig
 from mpe.embedding import MixedPrecisionEmbedding
 from mpe.exporter import export_model
@@ -63,7 +63,6 @@ def build_model(data: PreparedDataset, cfg: MPEConfig, lam: float | None = None)
     """A fresh MPE model (seeded by ``cfg.train.seed``) grouped by ``data``'s train frequencies."""
     freq = data.frequency()
     group_of_row = frequency_groups(freq, cfg.search.groups)
-    candidates = validate_candidates(cfg.search.candidates)
     torch.manual_seed(cfg.train.seed)
     embedding = MixedPrecisionEmbedding(
         data.fields,
@@ -75,7 +74,7 @@ def build_model(data: PreparedDataset, cfg: MPEConfig, lam: float | None = None)
         mode=cfg.search.mode,
         tau=cfg.search.tau,
         lam=cfg.lambda_value() if lam is None else lam,
-        pruned_rows=unseen_rows(freq) if 0 in candidates else None,
+        pruned_rows=unseen_rows(freq) if 0 in cfg.search.candidates else None,
     )
     return CTRModel(embedding, cfg.model.build_tower(len(data.fields)))
 
@@ -144,7 +143,7 @@ def select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, budget_bytes:
 
 def _zero_pruned(emb: MixedPrecisionEmbedding, bits: np.ndarray) -> np.ndarray:
     """0 bits for the groups whose rows are all pruned by construction (never seen in training)."""
-    return np.where(emb.pruned_groups(), 0, bits) if 0 in emb.candidates else bits
+    return np.where(emb.pruned_groups(), 0, bits)
 
 
 def retrain(
@@ -320,7 +319,7 @@ def stage_select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, stages:
     if target:
         bits, moves = adjust_to_ratio(
             bits, group_frequencies(data.frequency(), emb.group_of_row.numpy()), emb.candidates,
-            lambda b: compression_ratio(data, emb, _zero_pruned(emb, b)), target,
+            lambda b: compression_ratio(data, emb, b), target,
         )
         bits = _zero_pruned(emb, bits)
         info = {**info, "budget_adjustments": moves}
