@@ -14,10 +14,11 @@ seed, then ``shard`` hands it to torchrec, which
 
 The backend is nccl when CUDA is available (one GPU per process, ``LOCAL_RANK``) and gloo
 on CPU. fbgemm's CPU kernels have no fused Adam: on CPU the sharded tables are trained
-with Adagrad (``resolve_embedding_optimizer``), on GPU with Adam as in one process.
+with Adagrad (``resolve_embedding_optimizer``), on GPU with Adam; one process trains them
+with a lazy Adam on sparse gradients (``ctr.sparse``).
 
 Every rank takes its own ``1/world`` slice of each global batch (``data.batches.iter_batches``
-with ``rank_of``), so a step sees ``--batch-size`` examples in all. Evaluation is sharded the same way and the
+with ``rank_of``; it holds only those rows), so a step sees ``--batch-size`` examples in all. Evaluation is sharded the same way and the
 predictions are gathered on every rank, so every rank computes the same AUC and takes
 the same early-stopping decision. BatchNorm statistics are per rank under DDP; they are
 averaged over the ranks before every evaluation (``average_batchnorm_stats``).
@@ -35,7 +36,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection
 
 SHARDING_TYPES = ("table_wise", "row_wise")
-EMBEDDING_OPTIMIZERS = ("auto", "adam", "adagrad", "sgd")
+EMBEDDING_OPTIMIZERS = ("auto", "lazy_adam", "adam", "adagrad", "sgd")
 _OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 
 
@@ -100,13 +101,23 @@ def describe_plan(lines: list[str], env: DistEnv) -> str:
 
 
 def resolve_embedding_optimizer(name: str, env: DistEnv | None) -> str:
-    """``auto``: Adam, except for sharded tables on CPU, where fbgemm has only Adagrad / SGD."""
+    """The tables' optimizer ``name`` stands for in this process group.
+
+    ``auto``: in one process ``lazy_adam`` (sparse gradients, only the looked-up rows are
+    updated: ``ctr.sparse``); sharded, fbgemm's fused kernels: Adam on GPU, Adagrad on CPU
+    (fbgemm's CPU kernels have no fused Adam). ``adam`` in one process is dense Adam over
+    every row at every step (the cost grows with the table rows; kept for comparison).
+    """
     if name not in EMBEDDING_OPTIMIZERS:
         raise ValueError(f"unknown embedding optimizer {name!r}; expected one of {EMBEDDING_OPTIMIZERS}")
-    cpu_sharded = env is not None and env.device.type == "cpu"
     if name == "auto":
-        return "adagrad" if cpu_sharded else "adam"
-    if name == "adam" and cpu_sharded:
+        if env is None:
+            return "lazy_adam"
+        return "adagrad" if env.device.type == "cpu" else "adam"
+    if name == "lazy_adam" and env is not None:
+        raise ValueError("lazy_adam is the single-process table optimizer; sharded tables use fbgemm's fused "
+                         "kernels: --embedding-optimizer auto (Adam on GPU, Adagrad on CPU)")
+    if name == "adam" and env is not None and env.device.type == "cpu":
         raise ValueError("fbgemm's CPU kernels have no fused Adam for sharded tables: "
                          "use --embedding-optimizer adagrad (or auto) on CPU, or run on GPUs")
     return name
@@ -210,24 +221,23 @@ def full_state_dict(dmp: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
     return out
 
 
-def eval_slices(rows: int, env: DistEnv) -> tuple[np.ndarray, int]:
-    """Row indices of this rank's share of an evaluation split, padded (by repeating its
-    last row, or row 0) to the same length on every rank; and how many are real."""
-    parts = np.array_split(np.arange(rows), env.world_size)
-    length = max(1, max(len(p) for p in parts))
-    mine = parts[env.rank]
-    real = len(mine)
-    fill = mine[-1] if real else 0
-    return np.concatenate([mine, np.full(length - real, fill, dtype=np.int64)]), real
+def eval_range(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[start, stop)`` of an evaluation split of ``rows`` rows."""
+    return rows * rank // world, rows * (rank + 1) // world
 
 
 def gather_predictions(local: torch.Tensor, rows: int, env: DistEnv) -> np.ndarray:
-    """float64 [rows]: every rank's padded predictions gathered, padding dropped, in split order."""
-    local = local.to(env.device)
-    gathered = [torch.empty_like(local) for _ in range(env.world_size)]
-    dist.all_gather(gathered, local)
-    lengths = [len(p) for p in np.array_split(np.arange(rows), env.world_size)]
-    return torch.cat([g[:n] for g, n in zip(gathered, lengths, strict=True)]).double().cpu().numpy()
+    """float64 [rows]: every rank's predictions (its ``eval_range``) gathered on every rank, in split order.
+
+    The shares are padded to one length for ``all_gather`` and the padding dropped.
+    """
+    lengths = [b - a for a, b in (eval_range(rows, r, env.world_size) for r in range(env.world_size))]
+    length = max(1, max(lengths))
+    padded = torch.zeros(length, dtype=torch.float64, device=env.device)
+    padded[: len(local)] = local.to(device=env.device, dtype=torch.float64)
+    gathered = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, lengths, strict=True)]).cpu().numpy()
 
 
 def average_batchnorm_stats(model: nn.Module, env: DistEnv) -> None:

@@ -33,11 +33,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--evals-per-epoch", type=int, default=_TRAIN.evals_per_epoch,
                    help=f"validations per epoch (default {_TRAIN.evals_per_epoch})")
     g.add_argument("--seed", type=int, default=_TRAIN.seed, help=f"model seed (default {_TRAIN.seed})")
+    g.add_argument("--shuffle-buffer-rows", type=int, default=_TRAIN.shuffle_buffer_rows,
+                   help="rows per shuffle window: the training batches' memory, and how far apart in the file "
+                        f"a batch's rows can lie (default {_TRAIN.shuffle_buffer_rows:,}; data.batches)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = parser.add_argument_group("tables and multi-process training (torchrun)")
     g.add_argument("--embedding-optimizer", choices=distributed.EMBEDDING_OPTIMIZERS, default=_TRAIN.embedding_optimizer,
-                   help="optimizer of the embedding tables (default auto: Adam with the tower, except tables "
-                        "sharded on CPU, where fbgemm's fused kernels offer Adagrad)")
+                   help="optimizer of the embedding tables (default auto: in one process lazy_adam, Adam on "
+                        "sparse gradients that updates only the looked-up rows; sharded, fbgemm's fused kernels: "
+                        "Adam on GPU, Adagrad on CPU; adam = dense Adam over every row, for comparison)")
     g.add_argument("--embedding-lr", type=float, default=None, help="learning rate of the tables (default --lr)")
     g.add_argument("--sharding", choices=distributed.SHARDING_TYPES, default=_TRAIN.sharding,
                    help=f"how torchrun processes split the tables (default {_TRAIN.sharding}; row_wise needs nccl)")

@@ -26,7 +26,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from ctr import distributed
+from ctr import distributed, sparse
 from ctr.distributed import DistEnv
 from data.artifacts import (
     ArtifactError,
@@ -37,7 +37,7 @@ from data.artifacts import (
     sha256_file,
     short_error,
 )
-from data.batches import SplitArrays, iter_batches, num_batches
+from data.batches import DEFAULT_SHUFFLE_BUFFER_ROWS, Rows, iter_batches, num_batches
 
 CHECKPOINT = "checkpoint.pt"
 REPORT_FILE = "report.json"  # the summary every run directory holds
@@ -53,11 +53,17 @@ class TrainConfig:
     """Optimisation and early-stopping settings.
 
     ``patience`` counts validations (``evals_per_epoch`` per epoch) without AUC gain.
-    ``embedding_optimizer``: how the tables are trained: ``"auto"`` is Adam in the model's
-    optimizers, except for tables sharded on CPU, which fbgemm trains with Adagrad; any
-    other choice gives the tables their own optimizer, stepped in the backward pass, with
-    ``embedding_lr`` / ``embedding_weight_decay`` (default ``lr`` / ``weight_decay``).
+    ``embedding_optimizer``: how the tables are trained (``ctr.distributed.resolve_embedding_optimizer``):
+    ``"auto"`` is ``"lazy_adam"`` in one process (sparse gradients, a step updates only
+    the rows it looked up: its cost does not grow with the table rows) and fbgemm's fused
+    kernels when sharded (Adagrad on CPU, Adam on GPU); ``"adam"`` in one process is dense
+    Adam in the model's optimizers (every row, every step); ``"adagrad"`` / ``"sgd"`` are
+    stepped in the backward pass. The tables use ``embedding_lr`` /
+    ``embedding_weight_decay`` (default ``lr`` / ``weight_decay``); with ``lazy_adam`` the
+    L2 applies to the rows a batch looks up.
     ``sharding``: ``"table_wise"`` or ``"row_wise"``, for multi-process runs.
+    ``shuffle_buffer_rows``: rows per shuffle window (``data.batches``): the memory of
+    the training batches, and how far apart in the file the rows of a batch can lie.
     """
 
     epochs: int = 1
@@ -73,6 +79,7 @@ class TrainConfig:
     embedding_lr: float | None = None
     embedding_weight_decay: float | None = None
     sharding: str = "table_wise"
+    shuffle_buffer_rows: int = DEFAULT_SHUFFLE_BUFFER_ROWS
 
     @classmethod
     def from_attributes(cls, source: object, **overrides) -> TrainConfig:
@@ -85,8 +92,11 @@ class TrainConfig:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters an ordinary optimizer should step: trainable, not updated in the backward pass."""
-    return [p for p in model.parameters() if p.requires_grad and not distributed.in_backward(p)]
+    """Parameters an ordinary optimizer should step: trainable, not updated in the backward
+    pass and not a table with sparse gradients (the trainer's ``LazyAdam`` steps those)."""
+    sparse_ids = {id(p) for p in sparse.sparse_table_parameters(model)}
+    return [p for p in model.parameters()
+            if p.requires_grad and not distributed.in_backward(p) and id(p) not in sparse_ids]
 
 
 @dataclass
@@ -105,7 +115,7 @@ class FitResult:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, split: SplitArrays, fields: Sequence[str], batch_size: int = 16384,
+    model: nn.Module, split: Rows, fields: Sequence[str], batch_size: int = 16384,
     device: torch.device | None = None,
 ) -> np.ndarray:
     """Click probabilities float64 [N] for every row of ``split`` (model in eval mode).
@@ -133,7 +143,7 @@ def metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return {"auc": auc, "logloss": float(log_loss(labels, probs, labels=[0, 1])), "rows": int(len(labels))}
 
 
-def evaluate(model: nn.Module, split: SplitArrays, fields: Sequence[str], batch_size: int = 16384) -> dict[str, float]:
+def evaluate(model: nn.Module, split: Rows, fields: Sequence[str], batch_size: int = 16384) -> dict[str, float]:
     """AUC / logloss of ``model`` on ``split``."""
     return metrics(split.labels, predict(model, split, fields, batch_size))
 
@@ -170,13 +180,16 @@ class Trainer:
         self.dist = dist
         self.table_optimizer = distributed.resolve_embedding_optimizer(config.embedding_optimizer, dist)
         self.plan: list[str] = []
-        if dist is None and self.table_optimizer == "adam" and config.embedding_optimizer == "auto":
+        self.sparse_tables: list[nn.Parameter] = []
+        wd = config.weight_decay if config.embedding_weight_decay is None else config.embedding_weight_decay
+        if dist is None and self.table_optimizer in ("adam", "lazy_adam"):
             self.model = model
+            if self.table_optimizer == "lazy_adam":
+                self.sparse_tables = sparse.enable_sparse_gradients(model)
         else:
             # the tables get an in-backward optimizer (and shards): on a copy, so the model passed
             # in stays an ordinary module; fit() loads the trained weights back into it
             work = copy.deepcopy(model)
-            wd = config.weight_decay if config.embedding_weight_decay is None else config.embedding_weight_decay
             distributed.optimize_tables_in_backward(work, self.table_optimizer, config.embedding_lr or config.lr, wd)
             self.model = work
             if dist is not None:
@@ -185,6 +198,8 @@ class Trainer:
             lambda m: [torch.optim.Adam(trainable_parameters(m), lr=config.lr, weight_decay=config.weight_decay)]
         )
         self.optimizers = factory(distributed.unwrap(self.model))
+        if self.sparse_tables:
+            self.optimizers.append(sparse.LazyAdam(self.sparse_tables, lr=config.embedding_lr or config.lr, weight_decay=wd))
         self.out_dir = Path(out_dir) if out_dir is not None else None
         main = dist is None or dist.is_main
         self.log = log if main else (lambda _msg: None)
@@ -247,12 +262,21 @@ class Trainer:
     # -- training ------------------------------------------------------------------
     def fit(
         self,
-        train: SplitArrays,
-        val: SplitArrays,
+        train: Rows,
+        val: Rows,
         fields: Sequence[str],
         resume: bool = False,
     ) -> FitResult:
         """Train with early stopping on validation AUC; the model ends with the best weights."""
+        if self.sparse_tables:
+            sparse.enable_sparse_gradients(self.model)
+            try:
+                return self._fit(train, val, fields, resume)
+            finally:
+                sparse.disable_sparse_gradients(self.model)  # the model leaves as an ordinary module
+        return self._fit(train, val, fields, resume)
+
+    def _fit(self, train: Rows, val: Rows, fields: Sequence[str], resume: bool) -> FitResult:
         cfg = self.config
         distributed.refuse_resume(resume, self.dist)
         n_batches = num_batches(len(train), cfg.batch_size)
@@ -282,19 +306,19 @@ class Trainer:
         rank_of = (self.dist.rank, self.dist.world_size) if self.dist else None
         quiet = not cfg.progress or (self.dist is not None and not self.dist.is_main)
         for epoch in range(start_epoch, cfg.epochs):
-            batches = iter_batches(train, fields, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, rank_of=rank_of)
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet, leave=False)
-            for b, (kjt, labels) in enumerate(batches):
-                if epoch == start_epoch and b < start_batch:
-                    bar.update(1)
-                    continue
+            first = start_batch if epoch == start_epoch else 0
+            batches = iter_batches(train, fields, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, rank_of=rank_of,
+                                   start_batch=first, buffer_rows=cfg.shuffle_buffer_rows)
+            bar = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet,
+                       leave=False, unit="batch")
+            for b, (kjt, labels) in enumerate(batches, start=first):
                 ts = time.perf_counter()
                 loss = self._step(kjt, labels, step)
                 step_time += time.perf_counter() - ts
                 timed_steps += 1
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}", rows_s=f"{len(labels) / max(1e-9, time.perf_counter() - ts):,.0f}")
                 last = b + 1 == n_batches
                 if (b + 1) % eval_every == 0 or last:
                     try:
@@ -338,13 +362,13 @@ class Trainer:
             stopped_early=stopped,
         )
 
-    def _evaluate(self, split: SplitArrays, fields: Sequence[str]) -> dict[str, float]:
+    def _evaluate(self, split: Rows, fields: Sequence[str]) -> dict[str, float]:
         if self.dist is None:
             return evaluate(self.model, split, fields, self.config.eval_batch_size)
         distributed.average_batchnorm_stats(distributed.unwrap(self.model), self.dist)
-        index, _ = distributed.eval_slices(len(split), self.dist)
-        local = torch.from_numpy(predict(self.model, split.subset(index), fields, self.config.eval_batch_size,
-                                         device=self.dist.device))
+        start, stop = distributed.eval_range(len(split), self.dist.rank, self.dist.world_size)
+        local = torch.from_numpy(predict(self.model, split.subset(slice(start, stop)), fields,
+                                         self.config.eval_batch_size, device=self.dist.device))
         probs = distributed.gather_predictions(local, len(split), self.dist)
         return metrics(split.labels, probs)
 

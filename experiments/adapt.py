@@ -59,7 +59,7 @@ from data.artifacts import (
     atomic_write_bytes,
     load_torch,
 )
-from data.batches import SplitArrays
+from data.batches import Rows
 from experiments.results_csv import (
     cell,
     number,
@@ -223,7 +223,7 @@ def pretrain_mpe(args, data, seed: int, out: Path, log) -> CTRModel:
     return model
 
 
-def adapt_halves(val: SplitArrays) -> tuple[SplitArrays, SplitArrays]:
+def adapt_halves(val: Rows) -> tuple[Rows, Rows]:
     half = len(val) // 2
     return val.subset(slice(0, half)), val.subset(slice(half, len(val)))
 

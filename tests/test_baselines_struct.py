@@ -54,7 +54,7 @@ def inputs(data) -> MethodInputs:
 
 @pytest.fixture(scope="module")
 def batch(data) -> tuple:
-    train = data.split("train").subset(slice(0, 256))
+    train = data.split("train").subset(slice(0, 256)).arrays()
     return to_kjt(train.ids, data.fields), torch.from_numpy(train.labels), train.ids
 
 

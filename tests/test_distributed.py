@@ -42,16 +42,12 @@ def test_rank_slices_are_disjoint_equal_and_cover_the_batch():
     assert [len(list(iter_batches(tiny, ["a", "b"], 10, rank_of=(r, 3)))) for r in range(3)] == [2, 2, 2]
 
 
-def test_eval_slices_pad_to_one_length_and_gathering_restores_the_order():
-    rows, world = 11, 4
-    slices = [distributed.eval_slices(rows, _env(r, world)) for r in range(world)]
-    assert len({len(idx) for idx, _ in slices}) == 1
-    assert sum(real for _, real in slices) == rows
-    real_rows = np.concatenate([idx[:real] for idx, real in slices])
-    assert real_rows.tolist() == list(range(rows))
-    # fewer rows than ranks: the empty ranks evaluate a padding row
-    idx, real = distributed.eval_slices(2, _env(3, 4))
-    assert real == 0 and len(idx) == 1
+def test_eval_ranges_are_contiguous_and_cover_the_split_in_order():
+    for rows, world in ((11, 4), (2, 4), (0, 3), (4_600_000, 2)):
+        ranges = [distributed.eval_range(rows, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == rows
+        assert all(ranges[r][1] == ranges[r + 1][0] for r in range(world - 1))
+        assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
 
 
 def test_field_rows_reorders_sharded_keys():
@@ -67,8 +63,11 @@ def test_field_rows_reorders_sharded_keys():
 
 def test_embedding_optimizer_choice():
     cpu2 = _env(0, 2)
-    assert distributed.resolve_embedding_optimizer("auto", None) == "adam"
+    assert distributed.resolve_embedding_optimizer("auto", None) == "lazy_adam"
+    assert distributed.resolve_embedding_optimizer("adam", None) == "adam"
     assert distributed.resolve_embedding_optimizer("auto", cpu2) == "adagrad"
+    with pytest.raises(ValueError, match="single-process"):
+        distributed.resolve_embedding_optimizer("lazy_adam", cpu2)
     with pytest.raises(ValueError, match="no fused Adam"):
         distributed.resolve_embedding_optimizer("adam", cpu2)
     with pytest.raises(ValueError, match="unknown embedding optimizer"):
