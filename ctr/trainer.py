@@ -38,6 +38,7 @@ from data.artifacts import (
     short_error,
 )
 from data.batches import DEFAULT_SHUFFLE_BUFFER_ROWS, Rows, iter_batches, num_batches
+from data.resources import check_memory
 
 CHECKPOINT = "checkpoint.pt"
 REPORT_FILE = "report.json"  # the summary every run directory holds
@@ -276,9 +277,19 @@ class Trainer:
                 sparse.disable_sparse_gradients(self.model)  # the model leaves as an ordinary module
         return self._fit(train, val, fields, resume)
 
+    def memory_needed(self, num_fields: int) -> int:
+        """Bytes ``fit`` allocates beyond the model itself: two Adam moments and the best
+        weights per parameter (tables included), and the shuffle window's ids (x3: the
+        window, its gathered rows, one batch)."""
+        local = sum(t.numel() * t.element_size() for t in self.model.state_dict().values()
+                    if isinstance(t, torch.Tensor) and not hasattr(t, "local_shards"))
+        window = self.config.shuffle_buffer_rows * (num_fields + 1) * 4
+        return 3 * local + 3 * window
+
     def _fit(self, train: Rows, val: Rows, fields: Sequence[str], resume: bool) -> FitResult:
         cfg = self.config
         distributed.refuse_resume(resume, self.dist)
+        check_memory(self.memory_needed(len(fields)), "training")
         n_batches = num_batches(len(train), cfg.batch_size)
         if self.dist is not None and len(train) - (n_batches - 1) * cfg.batch_size < self.dist.world_size:
             n_batches -= 1  # too few rows left to give every rank one (iter_batches drops it)

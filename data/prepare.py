@@ -60,6 +60,7 @@ from data.manifest import (
     split_file,
 )
 from data.reader import DEFAULT_BLOCK_SIZE, ON_BAD_ROWS, RawBlock, RawFormatError, RawReader
+from data.resources import check_disk
 from data.schema import AVAZU_TIME_FIELDS, CRITEO, SCHEMAS, DatasetSchema, get_schema
 from data.transforms import (
     SPLIT_METHODS,
@@ -480,6 +481,13 @@ def _reusable(out: Path, dataset: str, identity: dict, params: dict) -> dict | N
     return None
 
 
+def _output_bytes(path: Path) -> int:
+    """A generous estimate of the prepared directory's size: the parquet splits hold about a
+    quarter of a plain-text input's bytes (49 B per Criteo row), compressed inputs expand."""
+    size = path.stat().st_size
+    return int(size * (0.5 if path.suffix not in (".gz", ".bz2", ".zst", ".xz") else 2.0))
+
+
 def _check_replaceable(out: Path) -> None:
     if not out.exists():
         return
@@ -539,6 +547,7 @@ def prepare(
         return reused
     _check_replaceable(out)
 
+    check_disk(out.parent if out.parent.exists() else Path.cwd(), _output_bytes(path), f"data.prepare of {path}")
     t0 = time.perf_counter()
     plans = field_plans(schema)
     sources = source_columns(plans)
