@@ -42,7 +42,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="optimizer of the embedding tables (default auto: in one process lazy_adam, Adam on "
                         "sparse gradients that updates only the looked-up rows; sharded, fbgemm's fused kernels: "
                         "Adam on GPU, Adagrad on CPU; adam = dense Adam over every row, for comparison)")
-    g.add_argument("--embedding-lr", type=float, default=None, help="learning rate of the tables (default --lr)")
+    g.add_argument("--embedding-lr", type=float, default=None, help="learning rate of the tables (default --lr; 0.01 with Adagrad)")
     g.add_argument("--sharding", choices=distributed.SHARDING_TYPES, default=_TRAIN.sharding,
                    help=f"how torchrun processes split the tables (default {_TRAIN.sharding}; row_wise needs nccl)")
 

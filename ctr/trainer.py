@@ -41,6 +41,7 @@ from data.batches import DEFAULT_SHUFFLE_BUFFER_ROWS, Rows, iter_batches, num_ba
 from data.resources import check_memory
 
 CHECKPOINT = "checkpoint.pt"
+ADAGRAD_LR = 0.01  # the tables' default learning rate under Adagrad (fbgemm's CPU kernels)
 REPORT_FILE = "report.json"  # the summary every run directory holds
 CHECKPOINT_META = "checkpoint.json"
 
@@ -59,9 +60,10 @@ class TrainConfig:
     the rows it looked up: its cost does not grow with the table rows) and fbgemm's fused
     kernels when sharded (Adagrad on CPU, Adam on GPU); ``"adam"`` in one process is dense
     Adam in the model's optimizers (every row, every step); ``"adagrad"`` / ``"sgd"`` are
-    stepped in the backward pass. The tables use ``embedding_lr`` /
-    ``embedding_weight_decay`` (default ``lr`` / ``weight_decay``); with ``lazy_adam`` the
-    L2 applies to the rows a batch looks up.
+    stepped in the backward pass. The tables use ``embedding_lr`` (default ``lr``, and
+    ``ADAGRAD_LR`` for Adagrad, whose steps shrink with the summed squared gradients) and
+    ``embedding_weight_decay`` (default ``weight_decay``); with ``lazy_adam`` the L2
+    applies to the rows a batch looks up.
     ``sharding``: ``"table_wise"`` or ``"row_wise"``, for multi-process runs.
     ``shuffle_buffer_rows``: rows per shuffle window (``data.batches``): the memory of
     the training batches, and how far apart in the file the rows of a batch can lie.
@@ -183,6 +185,7 @@ class Trainer:
         self.plan: list[str] = []
         self.sparse_tables: list[nn.Parameter] = []
         wd = config.weight_decay if config.embedding_weight_decay is None else config.embedding_weight_decay
+        table_lr = config.embedding_lr or (ADAGRAD_LR if self.table_optimizer == "adagrad" else config.lr)
         if dist is None and self.table_optimizer in ("adam", "lazy_adam"):
             self.model = model
             if self.table_optimizer == "lazy_adam":
@@ -191,7 +194,7 @@ class Trainer:
             # the tables get an in-backward optimizer (and shards): on a copy, so the model passed
             # in stays an ordinary module; fit() loads the trained weights back into it
             work = copy.deepcopy(model)
-            distributed.optimize_tables_in_backward(work, self.table_optimizer, config.embedding_lr or config.lr, wd)
+            distributed.optimize_tables_in_backward(work, self.table_optimizer, table_lr, wd)
             self.model = work
             if dist is not None:
                 self.model, self.plan = distributed.shard(work, dist, config.sharding)
@@ -200,7 +203,7 @@ class Trainer:
         )
         self.optimizers = factory(distributed.unwrap(self.model))
         if self.sparse_tables:
-            self.optimizers.append(sparse.LazyAdam(self.sparse_tables, lr=config.embedding_lr or config.lr, weight_decay=wd))
+            self.optimizers.append(sparse.LazyAdam(self.sparse_tables, lr=table_lr, weight_decay=wd))
         self.out_dir = Path(out_dir) if out_dir is not None else None
         main = dist is None or dist.is_main
         self.log = log if main else (lambda _msg: None)

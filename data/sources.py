@@ -74,6 +74,22 @@ def how_to_get(dataset: str) -> str:
     )
 
 
+def synthetic_file(cache_dir: str | os.PathLike, dataset: str, rows: int, days: int = 1, drift: float = 0.0,
+                   seed: int = 2022) -> Path:
+    """Where the synthetic file of these generator arguments is cached."""
+    schema = get_schema(dataset)
+    suffix = ".csv" if schema.name == "avazu" else ".txt"
+    return Path(cache_dir) / "synthetic" / f"{schema.name}_v{GENERATOR_VERSION}_{rows}rows_{days}d_drift{drift:g}_s{seed}{suffix}"
+
+
+def prepared_dir(cache_dir: str | os.PathLike, dataset: str, raw: str | os.PathLike, min_count: int, split: str,
+                 seed: int) -> Path:
+    """Where the prepared output of ``raw`` with these parameters is cached."""
+    raw = Path(raw)
+    key = hashlib.sha256(str(raw.resolve()).encode()).hexdigest()[:10]
+    return Path(cache_dir) / "prepared" / f"{get_schema(dataset).name}_{raw.name}_{key}_mc{min_count}_{split}_s{seed}"
+
+
 def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
     """Turn the shared data options into a ``PreparedDataset`` (generating / preparing as needed)."""
 
@@ -88,11 +104,7 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
         if raw is None:
             raise DataNotFoundError(how_to_get(schema.name))
     if raw is None:
-
-        raw = cache / "synthetic" / (
-            f"{schema.name}_v{GENERATOR_VERSION}_{args.synthetic}rows_{args.days}d_drift{args.drift:g}_s{args.data_seed}"
-            + (".csv" if schema.name == "avazu" else ".txt")
-        )
+        raw = synthetic_file(cache, schema.name, args.synthetic, args.days, args.drift, args.data_seed)
         if not raw.exists():
             generate(schema.name, args.synthetic, raw, days=args.days, drift=args.drift, seed=args.data_seed, progress=progress)
     elif raw.is_dir():
@@ -100,8 +112,7 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
     elif not raw.is_file():
         raise FileNotFoundError(f"{raw}: no such file")
     min_count = args.min_count if args.min_count is not None else schema.default_min_count
-    key = hashlib.sha256(str(raw.resolve()).encode()).hexdigest()[:10]
-    out = cache / "prepared" / f"{schema.name}_{raw.name}_{key}_mc{min_count}_{args.split}_s{args.data_seed}"
+    out = prepared_dir(cache, schema.name, raw, min_count, args.split, args.data_seed)
     prepare(
         schema.name, raw, out, min_count=min_count, split=args.split, seed=args.data_seed,
         on_bad_rows=args.on_bad_rows, progress=progress,
