@@ -227,3 +227,62 @@ def test_lazy_adam_rejects_bad_arguments_and_non_row_sparse_grads() -> None:
     p.grad = torch.ones(4, 2).to_sparse()  # two sparse dimensions
     with pytest.raises(ValueError, match="row-sparse"):
         opt.step()
+
+
+# -- the trainer's lazy-Adam path (the single-process default) ---------------------------------
+def _planted_split(n: int, seed: int):
+    from data.batches import SplitArrays
+
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.integers(0, c, n) for c in (50, 40, 30)], axis=1).astype(np.int32)
+    p = 1 / (1 + np.exp(-((ids[:, 0] % 5) - 2.0)))
+    return SplitArrays(ids, (rng.random(n) < p).astype(np.float32))
+
+
+def _ctr_model():
+    from ctr.model import CTRModel, FP32Embedding
+    from genlora_rec.towers import build_tower
+
+    torch.manual_seed(0)
+    return CTRModel(FP32Embedding(FIELDS, [50, 40, 30], DIM), build_tower("dnn", 3, DIM, (8,)))
+
+
+def test_the_trainer_default_trains_the_tables_lazily_and_learns():
+    from ctr.trainer import TrainConfig, Trainer, evaluate
+
+    train, val = _planted_split(4000, 1), _planted_split(1000, 2)
+    model = _ctr_model()
+    trainer = Trainer(model, TrainConfig(epochs=2, batch_size=100, lr=1e-2, progress=False))
+    assert trainer.table_optimizer == "lazy_adam" and len(trainer.sparse_tables) == 3
+    assert any(isinstance(o, LazyAdam) for o in trainer.optimizers)
+    fit = trainer.fit(train, val, FIELDS)
+    assert fit.best_auc > 0.7 and evaluate(model, val, FIELDS)["auc"] == pytest.approx(fit.best_auc)
+    assert sparse_table_parameters(model) == []  # the model leaves as an ordinary module
+
+
+def test_a_run_interrupted_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch):
+    from ctr.trainer import TrainConfig, Trainer
+
+    train, val = _planted_split(2000, 3), _planted_split(500, 4)
+    cfg = TrainConfig(epochs=2, batch_size=100, lr=1e-2, evals_per_epoch=4, progress=False)
+    ref = _ctr_model()
+    Trainer(ref, cfg, out_dir=tmp_path / "ref").fit(train, val, FIELDS)
+
+    class Interrupted(Exception):
+        pass
+
+    step = Trainer._step
+
+    def dies_at_step_8(self, kjt, labels, i):
+        if i == 7:  # after the checkpoint of step 5, in the middle of epoch 1
+            raise Interrupted
+        return step(self, kjt, labels, i)
+
+    monkeypatch.setattr(Trainer, "_step", dies_at_step_8)
+    with pytest.raises(Interrupted):
+        Trainer(_ctr_model(), cfg, out_dir=tmp_path / "run").fit(train, val, FIELDS)
+    monkeypatch.setattr(Trainer, "_step", step)
+    got = _ctr_model()
+    Trainer(got, cfg, out_dir=tmp_path / "run").fit(train, val, FIELDS, resume=True)
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
