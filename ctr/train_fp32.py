@@ -16,11 +16,10 @@ import torch
 
 from ctr import distributed
 from ctr.model import CTRModel, FP32Embedding
-from ctr.options import add_training_arguments, train_config
+from ctr.options import add_training_arguments, model_config, train_config
 from ctr.trainer import REPORT_FILE, NonFiniteLossError, Trainer, evaluate
 from data import sources
 from data.artifacts import ArtifactError, atomic_write_json
-from genlora_rec.towers import build_tower
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,11 +49,8 @@ def _run(args: argparse.Namespace, dist: distributed.DistEnv | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    hidden = tuple(args.hidden) if args.hidden else None
-    model = CTRModel(
-        FP32Embedding(data.fields, data.cardinalities, args.dim),
-        build_tower(args.tower, len(data.fields), args.dim, hidden),
-    )
+    model_cfg = model_config(args)
+    model = CTRModel(FP32Embedding(data.fields, data.cardinalities, model_cfg.dim), model_cfg.build_tower(len(data.fields)))
     out = Path(args.out)
     t0 = time.perf_counter()
     try:
@@ -86,6 +82,7 @@ def _run(args: argparse.Namespace, dist: distributed.DistEnv | None) -> int:
         "steps": fit.steps,
         "step_seconds": fit.step_seconds,
         "seconds": time.perf_counter() - t0,
+        "timings": {"train_seconds": fit.seconds, "step_seconds": fit.step_seconds},
         "history": fit.history,
         "processes": 1 if dist is None else dist.world_size,
         "embedding_optimizer": trainer.table_optimizer,
