@@ -15,6 +15,7 @@ duplicates) before updating, so a row gets exactly the gradient that dense autog
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -90,47 +91,38 @@ class LazyAdam(torch.optim.Optimizer):
                 bias_correction2 = 1 - beta2**step
                 step_size = lr / bias_correction1
                 bias_correction2_sqrt = bias_correction2**0.5
+                hp = _Step(beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt)
                 if p.grad.is_sparse:
-                    _sparse_update(p, p.grad, state, beta1, beta2, eps, weight_decay,
-                                   step_size, bias_correction2_sqrt)
+                    _sparse_update(p, p.grad, state, hp)
                 else:
-                    _dense_update(p, p.grad, state, beta1, beta2, eps, weight_decay,
-                                  step_size, bias_correction2_sqrt)
+                    _adam(p, state["exp_avg"], state["exp_avg_sq"], p.grad, hp)
         return loss
 
 
-def _dense_update(
-    p: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step_size: float,
-    bias_correction2_sqrt: float,
-) -> None:
-    """Adam on the whole tensor, in torch.optim.Adam's single-tensor order of operations."""
-    if weight_decay != 0:
-        grad = grad.add(p, alpha=weight_decay)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-step_size)
+@dataclass(frozen=True)
+class _Step:
+    """The hyperparameters of one Adam step of one parameter."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step_size: float
+    bias_correction2_sqrt: float
 
 
-def _sparse_update(
-    p: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step_size: float,
-    bias_correction2_sqrt: float,
-) -> None:
+def _adam(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, hp: _Step) -> None:
+    """Adam in place on ``p`` and its moments (all of ``grad``'s shape), in torch.optim.Adam's
+    single-tensor order of operations."""
+    if hp.weight_decay != 0:
+        grad = grad.add(p, alpha=hp.weight_decay)
+    exp_avg.lerp_(grad, 1 - hp.beta1)
+    exp_avg_sq.mul_(hp.beta2).addcmul_(grad, grad, value=1 - hp.beta2)
+    denom = (exp_avg_sq.sqrt() / hp.bias_correction2_sqrt).add_(hp.eps)
+    p.addcdiv_(exp_avg, denom, value=-hp.step_size)
+
+
+def _sparse_update(p: torch.Tensor, grad: torch.Tensor, state: dict, hp: _Step) -> None:
     """Adam restricted to the rows of a row-sparse COO ``grad`` [N, ...] (indices [1, nnz])."""
     if grad.sparse_dim() != 1:
         raise ValueError(
@@ -140,17 +132,11 @@ def _sparse_update(
     idx = grad.indices()[0]  # [R], unique and sorted after coalesce
     g = grad.values()  # [R, ...]
     rows = p.index_select(0, idx)
-    if weight_decay != 0:
-        g = g.add(rows, alpha=weight_decay)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    m = exp_avg.index_select(0, idx)
-    v = exp_avg_sq.index_select(0, idx)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    rows.addcdiv_(m, denom, value=-step_size)
-    exp_avg.index_copy_(0, idx, m)
-    exp_avg_sq.index_copy_(0, idx, v)
+    m = state["exp_avg"].index_select(0, idx)
+    v = state["exp_avg_sq"].index_select(0, idx)
+    _adam(rows, m, v, g, hp)
+    state["exp_avg"].index_copy_(0, idx, m)
+    state["exp_avg_sq"].index_copy_(0, idx, v)
     p.index_copy_(0, idx, rows)
 
 
