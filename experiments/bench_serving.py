@@ -17,7 +17,12 @@ to float32 rows; the dense tower is not run):
 
 - ``fp32``: ``ctr.model.FP32Embedding`` (torchrec ``EmbeddingBagCollection``);
 - ``packed``: ``mpe.serving.PackedEmbeddingModule`` over ``mpe.reader.load_packed_export``
-  (decodes only the requested rows from the packed codes);
+  (decodes only the requested rows from the packed codes; the compiled C decoder);
+- ``torch_export``: the same export decoded by torch operations only
+  (``mpe.program.TorchPackedEmbedding`` behind per-field offsets), captured by
+  ``torch.export`` with a dynamic batch dimension, saved to ``OUT/torch_export/embedding.pt2``
+  and loaded back with plain ``torch.export.load``: the program a serving stack without this
+  repository runs (its input: the KJT's values viewed as local ids [B, F]);
 - ``mpe_torchrec``: the same MPE buckets as torchrec INT2/INT4/INT8 tables
   (``mpe.torchrec_size.build_torchrec_quant``), global ids located through the id map;
 - ``ptq_int8`` / ``ptq_int4``: the fp32 tables quantized rowwise by torchrec
@@ -27,12 +32,15 @@ Timing: ``--rounds`` rounds; in each round every contender (order rotated) runs 
 cycling over pre-built batches for at least ``--min-time`` seconds; lookups/s of a round =
 calls x B x F / seconds; the median over rounds is reported with its ratio to fp32 in the
 same run. Bytes: fp32 rows x D x 4; packed: the payload files on disk (codes + steps +
-offset + id map); torchrec: measured TBE weight buffers (+ id map for ``mpe_torchrec``).
+offset + id map); torch_export: the decoder's buffers in memory (codes + locator + pair
+tables; the ``.pt2`` file size is in the table summary); torchrec: measured TBE weight
+buffers (+ id map for ``mpe_torchrec``).
 
 Memory: each loader runs in its own subprocess (``VmHWM`` / ``ru_maxrss``): the process
 imports torch/torchrec, records its RSS, loads the tables from disk, does one lookup and
 records the peak again. ``fp32`` loads one ``.npy`` file per field into the torchrec
-tables; ``packed`` runs ``load_packed_export``; ``ptq_*`` run
+tables; ``packed`` runs ``load_packed_export``; ``torch_export`` runs ``torch.export.load`` on
+the ``.pt2`` file; ``ptq_*`` run
 ``TorchrecPTQEmbedding.from_export``; ``mpe_torchrec`` loads the packed export then builds
 its torchrec tables. Reported: the peak increase over the post-import baseline.
 
@@ -63,14 +71,16 @@ from ctr.model import FP32Embedding, table_name
 from data.artifacts import atomic_write_json
 from data.batches import to_kjt
 from experiments.results_csv import write_rows
+from mpe.program import TorchPackedEmbedding, capture_embedding
 from mpe.quantizer import LSQQuantizer
 from mpe.reader import load_packed_export
 from mpe.serving import PackedEmbeddingModule
 from mpe.torchrec_size import build_torchrec_quant
 from mpe.writer import write_packed_export
 
-CONTENDERS = ("fp32", "packed", "mpe_torchrec", "ptq_int8", "ptq_int4")
-MEMORY_KINDS = ("fp32", "packed", "mpe_torchrec", "ptq_int8", "ptq_int4")
+CONTENDERS = ("fp32", "packed", "torch_export", "mpe_torchrec", "ptq_int8", "ptq_int4")
+MEMORY_KINDS = ("fp32", "packed", "torch_export", "mpe_torchrec", "ptq_int8", "ptq_int4")
+PROGRAM_DIR, PROGRAM_NAME = "torch_export", "embedding.pt2"
 DEFAULT_BIT_FRACTIONS = "0.50,0.15,0.12,0.10,0.07,0.04,0.02"  # rows at 0,1,..,6 bits, rarest first
 SHARED_MACHINE_NOTE = (
     "timings measured on a shared machine under background load; compare ratios within one run only"
@@ -165,6 +175,9 @@ def build_tables(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         quant.alpha.copy_(torch.tensor([3 * args.init_std / 2 ** max(b - 1, 0) for b in cands]))
     header = write_packed_export(out / "packed", fp32.global_weight(), bits, quant, fields, offsets,
                                  extra_meta={"source": "experiments.bench_serving synthetic table"})
+    program_file = out / PROGRAM_DIR / PROGRAM_NAME
+    program_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(capture_embedding(load_packed_export(out / "packed"), offsets), program_file)
     ptq_bytes = {}
     for name, dt in (("ptq_int8", DataType.INT8), ("ptq_int4", DataType.INT4)):
         emb = TorchrecPTQEmbedding.from_float(fp32, dt)
@@ -175,7 +188,7 @@ def build_tables(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "field_offsets": offsets, "zipf_a": args.zipf, "bit_fractions": fractions,
         "rows_per_bits": {str(b): int(n) for b, n in enumerate(np.bincount(bits, minlength=len(fractions)))},
         "mean_bits": float(bits.mean()), "packed_total_bytes": int(header["total_bytes"]),
-        "ptq_weight_bytes": ptq_bytes,
+        "ptq_weight_bytes": ptq_bytes, "torch_export_file_bytes": program_file.stat().st_size,
     }
     return {"fp32": fp32, "fields": fields, "cards": cards, "offsets": offsets, "perms": perms, "table": table}
 
@@ -189,13 +202,20 @@ def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[
     fp32, fields, offsets = built["fp32"], built["fields"], built["offsets"]
     off_t = torch.as_tensor(offsets, dtype=torch.int64)
     res: dict[str, tuple[Callable, int]] = {}
-    packed = load_packed_export(out / "packed") if {"packed", "mpe_torchrec"} & set(names) else None
+    packed = load_packed_export(out / "packed") if {"packed", "torch_export", "mpe_torchrec"} & set(names) else None
     for name in names:
         if name == "fp32":
             res[name] = (fp32, fp32.num_bytes())
         elif name == "packed":
             mod = PackedEmbeddingModule(packed, fields, offsets)
             res[name] = (mod, mod.num_bytes())
+        elif name == "torch_export":
+            program = torch.export.load(out / PROGRAM_DIR / PROGRAM_NAME).module()
+
+            def run_program(kjt, program=program):
+                return program(kjt.values().view(len(fields), kjt.stride()).t())
+
+            res[name] = (run_program, TorchPackedEmbedding(packed).num_bytes())
         elif name == "mpe_torchrec":
             tq = build_torchrec_quant(packed)
 
@@ -237,8 +257,9 @@ def time_contenders(contenders: dict[str, tuple[Callable, int]], kjts: list, bat
 
 @torch.inference_mode()
 def check_outputs(contenders: dict[str, tuple[Callable, int]], kjt) -> dict[str, float]:
-    """Max |difference| of every contender against its reference on one batch (packed and
-    mpe_torchrec against the packed export; fp32 and ptq against fp32): a sanity check."""
+    """Max |difference| of every contender against its reference on one batch (packed,
+    torch_export and mpe_torchrec against the packed export; fp32 and ptq against fp32): a
+    sanity check."""
     ref = {}
     if "fp32" in contenders:
         ref["fp32"] = contenders["fp32"][0](kjt)
@@ -246,7 +267,7 @@ def check_outputs(contenders: dict[str, tuple[Callable, int]], kjt) -> dict[str,
         ref["packed"] = contenders["packed"][0](kjt)
     diffs = {}
     for n, (fn, _) in contenders.items():
-        base = ref.get("packed" if n in ("packed", "mpe_torchrec") else "fp32")
+        base = ref.get("packed" if n in ("packed", "torch_export", "mpe_torchrec") else "fp32")
         if base is not None:
             diffs[n] = float((fn(kjt).to(torch.float32) - base).abs().max())
     return diffs
@@ -277,6 +298,10 @@ def _child_load(kind: str, out: Path) -> dict[str, Any]:
         packed = load_packed_export(out / "packed")
         fn = PackedEmbeddingModule(packed, fields, table["field_offsets"])
         nbytes = fn.num_bytes()
+    elif kind == "torch_export":
+        program = torch.export.load(out / PROGRAM_DIR / PROGRAM_NAME).module()
+        fn = lambda k: program(k.values().view(len(fields), k.stride()).t())  # noqa: E731
+        nbytes = (out / PROGRAM_DIR / PROGRAM_NAME).stat().st_size
     elif kind == "mpe_torchrec":
         tq = build_torchrec_quant(load_packed_export(out / "packed"))
         fn, nbytes = (lambda k: tq.lookup(k.values())), tq.num_bytes()

@@ -10,7 +10,7 @@ from mpe.embedding import MixedPrecisionEmbedding
 from mpe.exporter import export_model
 from mpe.pipeline import run
 from mpe.run_dir import load_model
-from mpe.serving import load_served_model
+from mpe.serving import load_exported_program, load_served_model
 
 __all__ = ["DEFAULT_L2", "DEFAULT_LAMBDA", "MPEConfig", "MixedPrecisionEmbedding", "SearchConfig", "export_model",
-           "load_model", "load_served_model", "run"]
+           "load_exported_program", "load_model", "load_served_model", "run"]

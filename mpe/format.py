@@ -17,6 +17,12 @@ A row at b bits decodes to ``code * steps[b] + offset``; a pruned row (0 bits) i
 vector. The tower of a served model sits beside it as ``tower.pt`` (weights only) and
 ``tower.json``. ``mpe.reader.load_packed_export`` reads it back and reproduces
 ``LSQQuantizer.quantize_per_row`` bit for bit.
+
+Optionally (``python -m mpe.export --torch-export``) the directory also holds
+``served_program.pt2``: the whole served model (torch-only decoder of the packed codes + the
+tower) captured by ``torch.export`` (``mpe.program``). The header then records it under
+``program`` (file, sha256, bytes, inputs, outputs, torch version); exports without it stay
+valid, and the packed payload's ``files`` / ``total_bytes`` never include it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ STEPS_FILE = "steps.npy"
 OFFSET_FILE = "offset.npy"
 ID_MAP_FILE = "id_map.npy"
 TOWER_FILE, TOWER_META = "tower.pt", "tower.json"
+PROGRAM_FILE = "served_program.pt2"  # torch.export program of the served model (optional)
+PROGRAM_KEY = "program"  # the header's entry describing PROGRAM_FILE
+PROGRAM_FORMAT = "mpe-served-program"
+PROGRAM_SCHEMA_VERSION = 1
 
 
 def bucket_file(bits: int) -> str:

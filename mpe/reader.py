@@ -188,6 +188,30 @@ class PackedEmbedding:
         codes = torch.from_numpy(unpack_codes(self._buckets[i][:-1], n, self.dim, int(bits)))
         return _dequant(codes.to(torch.float32), self.steps[i], self.offset)
 
+    def bucket_bytes(self, bits: int) -> np.ndarray:
+        """uint8: the packed codes of the rows stored at ``bits`` (> 0) bits, exactly as in
+        ``bucket_b{bits}.bin`` (empty when no row is stored there). A read-only view."""
+        i = self.candidates.index(int(bits))
+        if i not in self._buckets:
+            return np.zeros(0, dtype=np.uint8)
+        view = self._buckets[i][:-1]
+        view.flags.writeable = False
+        return view
+
+    def code_values(self, bits: int) -> np.ndarray:
+        """float32 [2^bits]: ``code * steps[b]`` for every offset-binary code of a stored
+        bucket (the decoder's table; a row element is ``code_values(b)[u] + offset[j]``)."""
+        i = self.candidates.index(int(bits))
+        if i not in self._scaled:
+            raise ValueError(f"no rows are stored at {bits} bits")
+        return self._scaled[i].copy()
+
+    def locator(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the in-memory locator: (uint8 [N] candidate index of every row, uint8 [N]
+        its rank among its bucket's rows within its block of ``LOCATOR_BLOCK`` rows, int32
+        [blocks, |B|] every bucket's row count before each block)."""
+        return self._bucket_of.copy(), self._in_block.copy(), self._block_base.copy()
+
     def file_bytes(self, name: str) -> int:
         """Bytes of one payload file (e.g. ``id_map.npy``) as recorded and verified."""
         return int(self.header["files"][name]["bytes"])
@@ -258,6 +282,12 @@ def _read_header(root: Path) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise _fail(path, f"malformed header ({e})") from None
     return header
+
+
+def read_header(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """The verified ``header.json`` of an export (format, schema version, its own checksum,
+    well-formed fields); ``ArtifactError`` otherwise. Reads no other file."""
+    return _read_header(Path(export_dir))
 
 
 def load_packed_export(export_dir: str | os.PathLike) -> PackedEmbedding:

@@ -3,6 +3,12 @@
 ``load_served_model(export_dir)`` reads only weights-only / ``.npy`` / JSON files, verifies
 every checksum, and returns a ``CTRModel`` whose embedding decodes rows from the packed
 codes. Its predictions equal the retrained in-memory model's bit for bit.
+
+``load_exported_program(export_dir)`` returns the export's ``served_program.pt2`` (written by
+``python -m mpe.export --torch-export``, see ``mpe.program``) as a ``torch.export``
+``ExportedProgram``, after checking the header and the file's size and sha256 against it;
+``.module()(local_ids int64 [B, F])`` gives click probabilities float32 [B]. It needs only
+``header.json`` and the ``.pt2`` file.
 """
 
 from __future__ import annotations
@@ -15,12 +21,25 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from ctr.model import CTRModel
-from data.artifacts import ArtifactError, load_torch, read_json, safe_child, short_error
+from data.artifacts import (
+    ArtifactError,
+    load_torch,
+    read_json,
+    safe_child,
+    short_error,
+    verify_sha256,
+)
 from data.layout import global_ids
 from genlora_rec.towers import build_tower
-from mpe.reader import PackedEmbedding, load_packed_export
-
-TOWER_FILE, TOWER_META = "tower.pt", "tower.json"
+from mpe.format import (
+    HEADER_FILE,
+    PROGRAM_FORMAT,
+    PROGRAM_KEY,
+    PROGRAM_SCHEMA_VERSION,
+    TOWER_FILE,
+    TOWER_META,
+)
+from mpe.reader import PackedEmbedding, load_packed_export, read_header
 
 
 class PackedEmbeddingModule(nn.Module):
@@ -61,3 +80,56 @@ def load_served_model(export_dir: str | Path) -> CTRModel:
         raise ArtifactError(f"{export_dir / TOWER_FILE}: tower weights do not match {meta_path} ({short_error(e)})") from None
     model = CTRModel(PackedEmbeddingModule(packed, meta["fields"], meta["field_offsets"]), tower)
     return model.eval()
+
+
+def load_exported_program(export_dir: str | Path) -> torch.export.ExportedProgram:
+    """The export's served program (``mpe.format.PROGRAM_FILE``), verified before it is loaded:
+    the header (format, its own checksum) must describe it, and the file's size and sha256
+    must match that description; only then ``torch.export.load`` runs. Any problem (no
+    program recorded, missing, truncated, modified or foreign file, not a ``torch.export``
+    program) raises ``ArtifactError`` naming the file."""
+    root = Path(export_dir)
+    header = read_header(root)
+    entry = header.get(PROGRAM_KEY)
+    if entry is None:
+        raise ArtifactError(f"{root / HEADER_FILE}: no exported program recorded "
+                            "(write one with `python -m mpe.export --torch-export`)")
+    try:
+        if entry["format"] != PROGRAM_FORMAT or entry["schema_version"] != PROGRAM_SCHEMA_VERSION:
+            raise ValueError(f"format {entry['format']!r} v{entry['schema_version']!r}")
+        name, size, digest = str(entry["file"]), int(entry["bytes"]), str(entry["sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{root / HEADER_FILE}: malformed {PROGRAM_KEY!r} entry ({short_error(e)})") from None
+    path = safe_child(root, name)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file is missing")
+    if path.stat().st_size != size:
+        raise ArtifactError(f"{path}: has {path.stat().st_size} bytes, the header records {size}; truncated or modified")
+    verify_sha256(path, digest)
+    try:
+        program = torch.export.load(path)
+    except Exception as e:  # a foreign file that still matches a rewritten header
+        raise ArtifactError(f"{path}: not a torch.export program ({short_error(e)})") from None
+    if _program_signature(program) != ([(torch.int64, 2, len(header["fields"]))], [(torch.float32, 1, None)]):
+        raise ArtifactError(f"{path}: not this export's served program (it maps {_program_signature(program)}; "
+                            f"expected int64 ids [B, {len(header['fields'])}] -> float32 [B])")
+    return program
+
+
+def _program_signature(program: torch.export.ExportedProgram) -> tuple[list, list]:
+    """([(dtype, ndim, size of dim 1)] of the user inputs, the same of the outputs)."""
+    sig = program.graph_signature
+    nodes = {n.name: n for n in program.graph.nodes}
+
+    def spec(val: object) -> tuple:
+        if not isinstance(val, torch.Tensor):
+            return (type(val).__name__, None, None)
+        shape = val.shape
+        second = shape[1] if len(shape) > 1 else None
+        return (val.dtype, len(shape), second if second is None or isinstance(second, int) else str(second))
+
+    inputs = [spec(nodes[name].meta.get("val")) for name in sig.user_inputs]
+    out_node = next(n for n in program.graph.nodes if n.op == "output")
+    outs = out_node.args[0]
+    outputs = [spec(o.meta.get("val") if hasattr(o, "meta") else o) for o in outs]
+    return inputs, outputs
