@@ -94,12 +94,13 @@ def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def atomic_torch_save(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Atomically ``torch.save`` a dict of tensors and plain values (read back with ``load_torch``)."""
+    """Atomically ``torch.save`` a dict of tensors and plain values (read back with ``load_torch``).
+
+    Streamed into the temporary file: no in-memory copy of the serialized checkpoint (at
+    Criteo size the weights, best weights and Adam moments are over 1 GB)."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
