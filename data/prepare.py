@@ -1,22 +1,29 @@
 """Streaming preprocessing of a raw Criteo / Avazu file into parquet splits, vocabularies and counts.
 
-Two passes over the file, both streamed block by block with pyarrow (``data.reader``):
+Two passes over the input, both streamed block by block with pyarrow (``data.reader``). The
+input is one file, several files read as one stream in order (Criteo 1TB ``day_0`` ...
+``day_23``), or pre-split train / val / test files (BARS / FuxiCTR ``train.csv``, ``valid.csv``,
+``test.csv``):
 
-1. count every distinct raw value of every source column over the whole file (per-block
+1. count every distinct raw value of every source column over the whole input (the train
+   files only for pre-split input: values unseen in train map to OOV) (per-block
    dictionary encoding + ``np.bincount``, merged with Arrow ``group_by``), then build each
    field's vocabulary: categories seen fewer than ``min_count`` times share the field's OOV
    id 0 (Criteo integer fields are bucketed and never OOV), kept categories get ids 1..K by
    count descending, ties by value (byte order);
 2. encode every block (vectorised lookups of 64-bit string keys with ``np.searchsorted``),
-   assign each row to train / val / test and append it to the split's parquet file.
+   assign each row to train / val / test (``SplitAssigner``: random, time, by-file, or the
+   file's own split) and append it to the split's parquet file.
 
 Output directory: the contract the rest of the toolkit reads, described and validated in
 ``data.manifest`` (split parquet files, ``vocab.parquet``, ``frequency.npy``, ``manifest.json``).
 
 The output is built in a hidden sibling directory and renamed into place when complete. A
-second run with the same input file (path, size, mtime) and parameters reuses it.
+second run with the same input files (each one's path, size, mtime, in order) and parameters
+reuses it.
 
-CLI: ``python -m data.prepare --dataset criteo --input train.txt --out prepared/criteo``.
+CLI: ``python -m data.prepare --dataset criteo --input train.txt --out prepared/criteo``;
+``--input 'day_*.gz' --split by-file``; ``--train train.csv --val valid.csv --test test.csv``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,14 +66,24 @@ from data.manifest import (
     load_manifest,
     split_file,
 )
-from data.reader import DEFAULT_BLOCK_SIZE, ON_BAD_ROWS, RawBlock, RawFormatError, RawReader
+from data.reader import (
+    DEFAULT_BLOCK_SIZE,
+    ON_BAD_ROWS,
+    MultiReader,
+    RawBlock,
+    RawFormatError,
+    RawReader,
+    expand_inputs,
+)
 from data.resources import check_disk
 from data.schema import AVAZU_TIME_FIELDS, CRITEO, SCHEMAS, DatasetSchema, get_schema
 from data.transforms import (
+    PRESPLIT,
     SPLIT_METHODS,
     SPLIT_NAMES,
     avazu_hour_bad,
     avazu_hour_fields,
+    by_file_split,
     criteo_int_categories,
     random_split,
     string_keys,
@@ -120,13 +137,18 @@ def source_columns(plans: Sequence[FieldPlan]) -> list[str]:
 
 def make_reader(
     schema: DatasetSchema,
-    path: str | os.PathLike,
+    path: str | os.PathLike | Sequence[str | os.PathLike],
     on_bad_rows: str = "error",
     block_size: int = DEFAULT_BLOCK_SIZE,
-) -> RawReader:
-    """The ``RawReader`` both passes use: label + source columns, label required, Avazu hour checked."""
+) -> RawReader | MultiReader:
+    """The reader both passes use: label + source columns, label required, Avazu hour checked.
+
+    One path gives a ``RawReader``; a sequence of paths a ``MultiReader`` (one stream, in
+    order, every file's layout checked first).
+    """
     sources = source_columns(field_plans(schema))
-    return RawReader(
+    cls = RawReader if isinstance(path, str | os.PathLike) else MultiReader
+    return cls(
         path,
         schema,
         on_bad_rows=on_bad_rows,
@@ -189,7 +211,7 @@ def _column_ids(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return col.dictionary, col.indices.to_numpy(zero_copy_only=False)
 
 
-def count_pass(reader: RawReader, sources: Sequence[str], progress: bool = True) -> dict[str, pa.Table]:
+def count_pass(reader: RawReader | MultiReader, sources: Sequence[str], progress: bool = True) -> dict[str, pa.Table]:
     """Pass 1: ``{column: table(value, count)}`` over every good row of the file."""
     counters = {c: ValueCounter() for c in sources}
     bar = _progress(f"{reader.schema.name} 1/2 counting", reader.size, progress)
@@ -214,7 +236,7 @@ class Lookup:
     ``np.searchsorted``. On a collision it falls back to ``pc.index_in``.
     """
 
-    def __init__(self, raw_values: pa.Array, raw_ids: np.ndarray, strict: bool, name: str):
+    def __init__(self, raw_values: pa.Array, raw_ids: np.ndarray, strict: bool, name: str, exact_unseen: bool = False):
         self.name = name
         self.strict = strict  # every value must be found (fields that are never OOV)
         raw_ids = np.asarray(raw_ids, dtype=np.int32)
@@ -222,6 +244,7 @@ class Lookup:
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         self.values: pa.Array | None = None
+        self.key_values: pa.Array | None = None  # the raw value of each key (exact_unseen)
         if len(sorted_keys) > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
             keep = raw_ids > 0
             self.values = raw_values.filter(pa.array(keep))
@@ -232,34 +255,20 @@ class Lookup:
             keep = sorted_ids > 0
             self.keys = sorted_keys[keep]
             self.ids = sorted_ids[keep]
+            if exact_unseen:
+                self.key_values = raw_values.take(pa.array(order[keep])).cast(pa.string())
 
-    def __call__(self, dictionary: pa.Array, used: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, dictionary: pa.Array, used: np.ndarray | None = None, unseen: bool = False) -> np.ndarray:
         """int32 ids of the values of ``dictionary`` (0 for values not in the vocabulary).
 
         ``used``: the indices into ``dictionary`` that rows refer to; a strict lookup raises
         if one of those values is unknown (the file changed between the two passes).
+        ``unseen``: the values may be ones the lookup was not built from (pre-split val / test
+        files): no strict check, and a 64-bit key match is confirmed on the value itself
+        (the lookup needs ``exact_unseen``).
         """
-        if self.values is not None:
-            pos = pc.index_in(dictionary, value_set=self.values)
-            found = pos.is_valid().to_numpy(zero_copy_only=False)
-            p = pc.fill_null(pos, 0).to_numpy(zero_copy_only=False)
-            out = np.where(found, self.ids[p] if len(self.ids) else 0, 0).astype(np.int32)
-        elif len(self.keys) == 0:
-            found = np.zeros(len(dictionary), dtype=bool)
-            out = np.zeros(len(dictionary), dtype=np.int32)
-        else:
-            k = string_keys(dictionary)
-            if len(self.keys) > _SORTED_QUERIES_ABOVE and len(k) > 1024:
-                # sorted queries walk the big key array in order: ~2x fewer cache misses
-                order = np.argsort(k)
-                p = np.empty(len(k), dtype=np.intp)
-                p[order] = np.searchsorted(self.keys, k[order])
-            else:
-                p = np.searchsorted(self.keys, k)
-            p = np.minimum(p, len(self.keys) - 1)
-            found = self.keys[p] == k
-            out = np.where(found, self.ids[p], 0).astype(np.int32)
-        if self.strict and not found.all():
+        out, found = self.find(dictionary, unseen)
+        if self.strict and not unseen and not found.all():
             unknown = np.flatnonzero(~found)
             if used is not None:
                 unknown = np.intersect1d(unknown, used)
@@ -271,6 +280,35 @@ class Lookup:
                 )
         return out
 
+    def find(self, dictionary: pa.Array, unseen: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(int32 ids, found mask)`` of the values of ``dictionary`` (see ``__call__``)."""
+        if self.values is not None:
+            pos = pc.index_in(dictionary, value_set=self.values)
+            found = pos.is_valid().to_numpy(zero_copy_only=False)
+            p = pc.fill_null(pos, 0).to_numpy(zero_copy_only=False)
+            out = np.where(found, self.ids[p] if len(self.ids) else 0, 0).astype(np.int32)
+            return out, found
+        if len(self.keys) == 0:
+            return np.zeros(len(dictionary), dtype=np.int32), np.zeros(len(dictionary), dtype=bool)
+        k = string_keys(dictionary)
+        if len(self.keys) > _SORTED_QUERIES_ABOVE and len(k) > 1024:
+            # sorted queries walk the big key array in order: ~2x fewer cache misses
+            order = np.argsort(k)
+            p = np.empty(len(k), dtype=np.intp)
+            p[order] = np.searchsorted(self.keys, k[order])
+        else:
+            p = np.searchsorted(self.keys, k)
+        p = np.minimum(p, len(self.keys) - 1)
+        found = self.keys[p] == k
+        if unseen and found.any():
+            # a value the keys were not checked against may share a key with a kept one
+            if self.key_values is None:
+                raise RuntimeError(f"field {self.name}: lookup built without exact_unseen")
+            hit = np.flatnonzero(found)
+            same = pc.equal(dictionary.take(pa.array(hit)).cast(pa.string()), self.key_values.take(pa.array(p[hit])))
+            found[hit] = same.to_numpy(zero_copy_only=False)
+        return np.where(found, self.ids[p], 0).astype(np.int32), found
+
 
 @dataclass
 class Vocabulary:
@@ -281,14 +319,36 @@ class Vocabulary:
     counts: np.ndarray  # int64
     oov_count: int
     lookup: Lookup
+    categories: Callable[[pa.Array], pa.Array] | None = None  # the field's FieldPlan.categories
 
     @property
     def cardinality(self) -> int:
         return len(self.values) + 1
 
+    def ids(self, dictionary: pa.Array, used: np.ndarray | None = None, unseen: bool = False) -> np.ndarray:
+        """Local ids of the raw values of ``dictionary``.
 
-def build_vocabulary(plan: FieldPlan, raw: pa.Table, min_count: int) -> Vocabulary:
-    """Fold rare categories into OOV, order the rest, and build the raw-value lookup."""
+        ``unseen``: the values may not have been counted (pre-split val / test files). A raw
+        value the vocabulary was not built from gets its category's id when the category was
+        kept (a Criteo integer in a known bucket, an Avazu hour on a known weekday), else the
+        OOV id 0.
+        """
+        if not unseen:
+            return self.lookup(dictionary, used)
+        out, found = self.lookup.find(dictionary, unseen=True)
+        if self.categories is not None and not found.all():
+            miss = np.flatnonzero(~found)
+            cats = self.categories(dictionary.take(pa.array(miss)))
+            pos = pc.index_in(cats, value_set=self.values)
+            out[miss] = pc.fill_null(pos, -1).to_numpy(zero_copy_only=False) + 1
+        return out
+
+
+def build_vocabulary(plan: FieldPlan, raw: pa.Table, min_count: int, unseen: bool = False) -> Vocabulary:
+    """Fold rare categories into OOV, order the rest, and build the raw-value lookup.
+
+    ``unseen``: the lookup will also meet values that were not counted (pre-split files).
+    """
     raw_values = raw["value"].combine_chunks()
     raw_counts = raw["count"].combine_chunks()
     cats = raw_values if plan.categories is None else plan.categories(raw_values)
@@ -313,8 +373,8 @@ def build_vocabulary(plan: FieldPlan, raw: pa.Table, min_count: int) -> Vocabula
     else:
         pos = pc.index_in(cats, value_set=kept_values)
         raw_ids = (pc.fill_null(pos, -1).to_numpy(zero_copy_only=False) + 1).astype(np.int32)
-    lookup = Lookup(raw_values, raw_ids, strict=not plan.min_count_applies, name=plan.name)
-    return Vocabulary(plan.name, kept_values, kept["count"].to_numpy(), oov_count, lookup)
+    lookup = Lookup(raw_values, raw_ids, strict=not plan.min_count_applies, name=plan.name, exact_unseen=unseen)
+    return Vocabulary(plan.name, kept_values, kept["count"].to_numpy(), oov_count, lookup, plan.categories)
 
 
 def vocab_table(vocabs: Sequence[Vocabulary]) -> pa.Table:
@@ -343,6 +403,49 @@ def split_schema(fields: Sequence[str]) -> pa.Schema:
     return pa.schema([("label", pa.int8())] + [(f, pa.int32()) for f in fields])
 
 
+class SplitAssigner:
+    """The split (0 train, 1 val, 2 test) of every row of a block.
+
+    ``random``: a hash of the row's index in the concatenated input and the seed (8:1:1);
+    ``time``: first 80% / next 10% / last 10% of the concatenation; ``by-file``: every file but
+    the last is train, the last one's first half val, its second half test; ``pre-split``: the
+    split of the row's file (``file_splits``).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        seed: int = 0,
+        total_rows: int | None = None,
+        file_rows: Sequence[int] | None = None,
+        file_splits: Sequence[str] | None = None,
+    ):
+        if method not in (*SPLIT_METHODS, PRESPLIT):
+            raise ValueError(f"split must be one of {(*SPLIT_METHODS, PRESPLIT)}, got {method!r}")
+        self.method = method
+        self.seed = int(seed)
+        self.total_rows = total_rows
+        self.file_rows = list(file_rows or [])
+        self.codes = [SPLIT_NAMES.index(r) for r in file_splits] if file_splits is not None else []
+
+    def unseen(self, block: RawBlock) -> bool:
+        """Whether the block's values may be missing from the vocabulary (a pre-split val / test file)."""
+        return self.method == PRESPLIT and self.codes[block.file_index] != 0
+
+    def __call__(self, block: RawBlock) -> np.ndarray:
+        n = block.num_rows
+        if self.method == PRESPLIT:
+            return np.full(n, self.codes[block.file_index], dtype=np.int8)
+        assert self.total_rows is not None
+        if block.first_row + n > self.total_rows:
+            raise RuntimeError("the input has more rows than in the counting pass; it changed while being prepared")
+        if self.method == "random":
+            return random_split(block.first_row, n, self.seed)
+        if self.method == "time":
+            return time_split(block.first_row, n, self.total_rows)
+        return by_file_split(block.first_row, n, self.file_rows)
+
+
 @dataclass
 class _SplitStats:
     rows: np.ndarray  # [3]
@@ -351,14 +454,12 @@ class _SplitStats:
 
 
 def encode_pass(
-    reader: RawReader,
+    reader: RawReader | MultiReader,
     schema: DatasetSchema,
     plans: Sequence[FieldPlan],
     vocabs: Sequence[Vocabulary],
     offsets: np.ndarray,
-    split: str,
-    seed: int,
-    total_rows: int,
+    assign: SplitAssigner,
     out_dir: Path,
     progress: bool = True,
 ) -> _SplitStats:
@@ -372,7 +473,7 @@ def encode_pass(
     try:
         with bar:
             for block in reader:
-                _encode_block(block, schema, plans, vocabs, offsets, split, seed, total_rows, pa_schema, writer, stats)
+                _encode_block(block, schema, plans, vocabs, offsets, assign, pa_schema, writer, stats)
                 bar.update(reader.bytes_read - bar.n)
             bar.update(reader.size - bar.n)
     finally:
@@ -425,17 +526,14 @@ def _encode_block(
     plans: Sequence[FieldPlan],
     vocabs: Sequence[Vocabulary],
     offsets: np.ndarray,
-    split: str,
-    seed: int,
-    total_rows: int,
+    assign: SplitAssigner,
     pa_schema: pa.Schema,
     writer: _SplitWriter,
     stats: _SplitStats,
 ) -> None:
-    batch, n = block.batch, block.num_rows
-    if block.first_row + n > total_rows:
-        raise RuntimeError("the input file has more rows than in the counting pass; it changed while being prepared")
-    codes = random_split(block.first_row, n, seed) if split == "random" else time_split(block.first_row, n, total_rows)
+    batch = block.batch
+    codes = assign(block)
+    unseen = assign.unseen(block)
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(4))
     label_dict, label_idx = _column_ids(batch.column(schema.label))
@@ -444,7 +542,7 @@ def _encode_block(
     train_lo, train_hi = int(bounds[0]), int(bounds[1])
     for f, (plan, vocab) in enumerate(zip(plans, vocabs, strict=True)):
         dictionary, idx = _column_ids(batch.column(plan.source))
-        dict_ids = vocab.lookup(dictionary, idx)
+        dict_ids = vocab.ids(dictionary, idx, unseen=unseen)
         columns.append(dict_ids[idx[order]])
         if train_hi > train_lo:
             counts = np.bincount(idx[order[train_lo:train_hi]], minlength=len(dictionary))
@@ -461,14 +559,138 @@ def _encode_block(
 
 
 # ---------------------------------------------------------------------------------------------
+# inputs: one file, several files in order, or pre-split train / val / test files
+# ---------------------------------------------------------------------------------------------
+InputSpec = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The raw files of one run, in reading order.
+
+    Attributes:
+        files: every file (globs expanded); pre-split input lists train, then val, then test files.
+        splits: per file its split ('train', 'val', 'test') for pre-split input, else None.
+    """
+
+    files: tuple[Path, ...]
+    splits: tuple[str, ...] | None = None
+
+    @property
+    def presplit(self) -> bool:
+        return self.splits is not None
+
+    def indices(self, split: str) -> list[int]:
+        """Positions in ``files`` of the files of ``split`` (pre-split input)."""
+        return [i for i, s in enumerate(self.splits or ()) if s == split]
+
+    def describe(self) -> str:
+        """``day_0`` or ``day_0 .. day_23 (24 files)``."""
+        if len(self.files) == 1:
+            return str(self.files[0])
+        return f"{self.files[0]} .. {self.files[-1].name} ({len(self.files)} files)"
+
+
+def input_files(spec: InputSpec, what: str = "--input") -> Inputs:
+    """Turn ``prepare``'s ``input_path`` into ``Inputs``.
+
+    ``spec``: a path or glob, a sequence of paths / globs (read as one stream, in the given
+    order; each glob sorted naturally, ``day_2`` before ``day_10``), or a mapping with exactly
+    the keys ``train``, ``val`` and ``test``, each a path, glob or sequence (pre-split files).
+    """
+    if isinstance(spec, Mapping):
+        if set(spec) != set(SPLIT_NAMES) or not all(spec[k] for k in SPLIT_NAMES):
+            missing = [f"--{k}" for k in SPLIT_NAMES if not spec.get(k)]
+            extra = sorted(set(spec) - set(SPLIT_NAMES))
+            raise ValueError(
+                "pre-split input needs all three of --train, --val and --test"
+                + (f": {', '.join(missing)} missing" if missing else "")
+                + (f" (unknown keys {extra})" if extra else "")
+            )
+        files: list[Path] = []
+        splits: list[str] = []
+        seen: dict[Path, str] = {}
+        for name in SPLIT_NAMES:
+            for f in expand_inputs(spec[name], f"--{name}"):
+                key = f.resolve()
+                if key in seen:
+                    raise ValueError(f"{f} is given as both --{seen[key]} and --{name}; a file belongs to one split")
+                seen[key] = name
+                files.append(f)
+                splits.append(name)
+        return Inputs(tuple(files), tuple(splits))
+    return Inputs(tuple(expand_inputs(spec, what)))
+
+
+def input_options(data: Sequence[str] | None, train: Sequence[str] | None, val: Sequence[str] | None,
+                  test: Sequence[str] | None, data_flag: str = "--data") -> InputSpec | None:
+    """The input a CLI was given: ``data`` (a list of paths / globs), ``{"train", "val", "test"}``
+    (pre-split files) or None; ``ValueError`` when both kinds are given or only some of the three."""
+    given = {name: list(v) for name, v in zip(SPLIT_NAMES, (train, val, test), strict=True) if v}
+    if data and given:
+        raise ValueError(
+            f"{data_flag} and --train/--val/--test exclude each other: give {data_flag} FILE... (split by --split) "
+            "or the three pre-split files --train F --val F --test F"
+        )
+    if given and len(given) < 3:
+        missing = [f"--{n}" for n in SPLIT_NAMES if n not in given]
+        raise ValueError(f"--train, --val and --test go together: {' and '.join(missing)} missing")
+    if given:
+        return given
+    return list(data) if data else None
+
+
+def resolve_split(split: str | None, inputs: Inputs) -> str:
+    """The split method of a run: ``PRESPLIT`` for pre-split files, else ``split`` (default random)."""
+    if inputs.presplit:
+        if split not in (None, PRESPLIT):
+            raise ValueError(
+                f"--split {split} does not apply to --train/--val/--test: every row stays in its file's split"
+            )
+        return PRESPLIT
+    split = "random" if split is None else split
+    if split not in SPLIT_METHODS:
+        raise ValueError(f"split must be one of {SPLIT_METHODS}, got {split!r}")
+    if split == "by-file" and len(inputs.files) < 2:
+        raise ValueError(
+            f"--split by-file needs at least 2 input files (all but the last are train, the last is cut "
+            f"into val and test halves); got 1: {inputs.files[0]}"
+        )
+    return split
+
+
+# ---------------------------------------------------------------------------------------------
 # reuse of a previous output
 # ---------------------------------------------------------------------------------------------
-def _input_identity(path: Path) -> dict[str, Any]:
+_IDENTITY_KEYS = ("path", "size", "mtime_ns", "split")
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
-def _reusable(out: Path, dataset: str, identity: dict, params: dict) -> dict | None:
+def _input_identity(inputs: Inputs) -> list[dict[str, Any]]:
+    """Every input file's identity (path, size, mtime; its split for pre-split input), in order."""
+    out = []
+    for i, path in enumerate(inputs.files):
+        ident = _file_identity(path)
+        if inputs.splits is not None:
+            ident["split"] = inputs.splits[i]
+        out.append(ident)
+    return out
+
+
+def _stored_identity(manifest: dict) -> list[dict[str, Any]] | None:
+    stored = manifest.get("inputs")
+    if stored is None and isinstance(manifest.get("input"), dict):
+        stored = [manifest["input"]]  # written before several inputs existed: one file
+    if not isinstance(stored, list) or not all(isinstance(e, dict) for e in stored):
+        return None
+    return [{k: e[k] for k in _IDENTITY_KEYS if k in e} for e in stored]
+
+
+def _reusable(out: Path, dataset: str, identity: list[dict], params: dict) -> dict | None:
     if not (out / MANIFEST_FILE).is_file():
         return None
     try:
@@ -476,7 +698,7 @@ def _reusable(out: Path, dataset: str, identity: dict, params: dict) -> dict | N
     except ArtifactError as e:
         print(f"data.prepare: existing output is not usable ({e}); recomputing", file=sys.stderr)
         return None
-    if manifest.get("dataset") == dataset and manifest.get("input") == identity and manifest.get("params") == params:
+    if manifest.get("dataset") == dataset and _stored_identity(manifest) == identity and manifest.get("params") == params:
         return manifest
     return None
 
@@ -502,23 +724,31 @@ def _check_replaceable(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def prepare(
     dataset: str,
-    input_path: str | os.PathLike,
+    input_path: InputSpec,
     out_dir: str | os.PathLike,
     min_count: int = 2,
-    split: str = "random",
+    split: str | None = None,
     seed: int = 2022,
     on_bad_rows: str = "error",
     progress: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> dict[str, Any]:
-    """Preprocess a raw Criteo / Avazu file into ``out_dir``; returns the manifest dict.
+    """Preprocess raw Criteo / Avazu files into ``out_dir``; returns the manifest dict.
 
     Args:
         dataset: ``"criteo"`` or ``"avazu"``.
-        input_path: the raw labeled train file (plain or gzip/bz2/zstd-compressed).
-        out_dir: output directory (replaced atomically; reused if input and params match).
-        min_count: categories seen fewer times over the whole file map to the field's OOV id 0.
-        split: ``"random"`` (8:1:1 by a hash of row index and seed) or ``"time"`` (file order).
+        input_path: the raw labeled file (plain or gzip/bz2/zstd-compressed); or several files
+            or globs, read as one stream in the given order (every glob sorted naturally, all
+            files of one layout); or pre-split files, ``{"train": F, "val": F, "test": F}``
+            (each a path, glob or list), whose rows stay in their file's split.
+        out_dir: output directory (replaced atomically; reused if inputs and params match).
+        min_count: categories seen fewer times map to the field's OOV id 0; counted over every
+            row of the input before the split, or over the train files only for pre-split input
+            (the BARS convention; values unseen in train map to 0 too).
+        split: ``"random"`` (8:1:1 by a hash of row index and seed, the default), ``"time"``
+            (first 80% / 10% / 10% in input order) or ``"by-file"`` (every file but the last is
+            train, the last one's first half val, its second half test); for pre-split input
+            None (or ``PRESPLIT``). Row indices run over the concatenation of the files.
         seed: seed of the random split.
         on_bad_rows: ``"error"`` stops at the first malformed row (``RawFormatError``);
             ``"skip"`` drops malformed rows and counts them in the manifest.
@@ -527,51 +757,70 @@ def prepare(
             and split); memory use grows with it.
     """
     schema = get_schema(dataset)
-    if split not in SPLIT_METHODS:
-        raise ValueError(f"split must be one of {SPLIT_METHODS}, got {split!r}")
+    inputs = input_files(input_path)
+    split = resolve_split(split, inputs)
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
     if isinstance(min_count, bool) or not isinstance(min_count, int | np.integer) or min_count < 1:
         raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
-    path = Path(input_path)
     out = Path(out_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: is a directory, expected a raw {schema.name} file")
+    for path in inputs.files:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a directory, expected a raw {schema.name} file")
     params = {"min_count": int(min_count), "split": split, "seed": int(seed), "on_bad_rows": on_bad_rows}
-    identity = _input_identity(path)
+    identity = _input_identity(inputs)
     reused = _reusable(out, schema.name, identity, params)
     if reused is not None:
-        print(f"data.prepare: reusing {out} (same input file and parameters)")
+        what = "input file" if len(inputs.files) == 1 else "input files"
+        print(f"data.prepare: reusing {out} (same {what} and parameters)")
         return reused
     _check_replaceable(out)
 
-    check_disk(out.parent if out.parent.exists() else Path.cwd(), _output_bytes(path), f"data.prepare of {path}")
+    check_disk(out.parent if out.parent.exists() else Path.cwd(), sum(_output_bytes(p) for p in inputs.files),
+               f"data.prepare of {inputs.describe()}")
     t0 = time.perf_counter()
     plans = field_plans(schema)
     sources = source_columns(plans)
-    reader = make_reader(schema, path, on_bad_rows=on_bad_rows, block_size=block_size)
-    counts = count_pass(reader, sources, progress)
-    total = reader.rows
-    bad_rows = dict(sorted(reader.bad_rows.items()))
+    # every file's layout is checked here, before any of them is read
+    reader = MultiReader(
+        list(inputs.files), schema, require_label=True, on_bad_rows=on_bad_rows, block_size=block_size,
+        columns=[schema.label, *sources], validators={"hour": _HOUR_CHECK} if "hour" in sources else None,
+    )
+    counted = reader.subset(inputs.indices("train")) if inputs.presplit else reader
+    counts = count_pass(counted, sources, progress)
+    total = counted.rows
+    counted_rows = list(counted.file_rows)
+    counted_bad = [dict(r.bad_rows) for r in counted.readers]
     if total == 0:
-        what = "only a header line" if schema.has_header and not bad_rows else "no usable rows"
-        raise RawFormatError(path, f"no data rows: the file holds {what}" + (f" (skipped: {bad_rows})" if bad_rows else ""))
-    vocabs = [build_vocabulary(p, counts[p.source], int(min_count)) for p in plans]
+        bad_rows = dict(sorted(counted.bad_rows.items()))
+        what = "only a header line" if reader.layouts[0].header_lines and not bad_rows else "no usable rows"
+        n = len(counted.paths)
+        where = "the file holds" if n == 1 else f"the {n} {'train ' if inputs.presplit else ''}files hold"
+        raise RawFormatError(
+            counted.paths[0],
+            f"no data rows: {where} {what}" + (f" (skipped: {bad_rows})" if bad_rows else ""),
+        )
+    vocabs = [build_vocabulary(p, counts[p.source], int(min_count), unseen=inputs.presplit) for p in plans]
     del counts
     cards = np.array([v.cardinality for v in vocabs], dtype=np.int64)
     offsets = field_offsets(cards)
+    assign = SplitAssigner(split, int(seed), total, counted_rows, inputs.splits)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        stats = encode_pass(reader, schema, plans, vocabs, offsets, split, int(seed), total, tmp, progress)
-        if reader.rows != total or dict(sorted(reader.bad_rows.items())) != bad_rows:
-            raise RuntimeError(f"{path}: the file changed while it was being prepared; run again")
-        if _input_identity(path) != identity:
-            raise RuntimeError(f"{path}: the file changed while it was being prepared; run again")
+        stats = encode_pass(reader, schema, plans, vocabs, offsets, assign, tmp, progress)
+        again = inputs.indices("train") if inputs.presplit else range(len(inputs.files))
+        if (
+            [reader.file_rows[i] for i in again] != counted_rows
+            or [dict(reader.readers[i].bad_rows) for i in again] != counted_bad
+            or _input_identity(inputs) != identity
+        ):
+            raise RuntimeError(f"{inputs.describe()}: the input changed while it was being prepared; run again")
+        bad_rows = dict(sorted(reader.bad_rows.items()))
         pq.write_table(vocab_table(vocabs), tmp / VOCAB_FILE)
         atomic_write_npy(tmp / FREQUENCY_FILE, stats.frequency)
         manifest: dict[str, Any] = {
@@ -582,8 +831,8 @@ def prepare(
             "field_offsets": [int(o) for o in offsets],
             "num_features": int(cards.sum()),
             "params": params,
-            "input": identity,
-            "rows": {**{s: int(stats.rows[i]) for i, s in enumerate(SPLIT_NAMES)}, "total": int(total)},
+            "inputs": [dict(ident, rows=int(reader.file_rows[i])) for i, ident in enumerate(identity)],
+            "rows": {**{s: int(stats.rows[i]) for i, s in enumerate(SPLIT_NAMES)}, "total": int(reader.rows)},
             "bad_rows": {"skipped": int(sum(bad_rows.values())), "by_reason": bad_rows},
             "click_rate": {
                 s: (float(stats.clicks[i] / stats.rows[i]) if stats.rows[i] else None)
@@ -604,41 +853,67 @@ def prepare(
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+MIN_COUNT_HELP = (
+    "categories seen fewer times map to the field's OOV id 0 (default 2); counted over every input row before "
+    "the split (the MPE paper's convention), or over the train files only with --train/--val/--test (the BARS "
+    "convention: values unseen in train map to 0 too). Criteo integer fields are bucketed and never OOV "
+    "(with pre-split files, a bucket unseen in train is OOV)"
+)
+SPLIT_HELP = (
+    "random: 8:1:1 by a hash of (row index, seed); time: first 80%% / next 10%% / last 10%% in input order; "
+    "by-file: every input file but the last is train, the last one's first half val, its second half test "
+    "(Criteo 1TB: days 0-22 train, day 23 val + test; needs 2+ files). Row indices run over the files in "
+    "order. Not with --train/--val/--test, whose rows keep their file's split (default random)"
+)
+INPUT_HELP = (
+    "Several files (paths, or quoted globs such as 'day_*.gz', sorted naturally: day_2 before day_10) are read "
+    "as one stream in the given order; all must have the same layout"
+)
+
+
+def add_presplit_arguments(group: argparse._ActionsContainer) -> None:
+    """``--train/--val/--test FILE...``: pre-split files (BARS / FuxiCTR train.csv, valid.csv, test.csv)."""
+    group.add_argument(
+        "--train", nargs="+", metavar="FILE", default=None,
+        help="pre-split input (with --val and --test, instead of the single data input): the train file(s), e.g. "
+        "BARS / FuxiCTR Criteo_x4 or Avazu_x4 train.csv (paths or globs). The vocabulary and the --min-count cut "
+        "are counted on the train files only (the BARS convention; the MPE paper counts over all the data); "
+        "every row stays in its file's split",
+    )
+    group.add_argument("--val", nargs="+", metavar="FILE", default=None,
+                       help="pre-split input: the validation file(s), e.g. valid.csv; values unseen in train map "
+                       "to the field's OOV id 0")
+    group.add_argument("--test", nargs="+", metavar="FILE", default=None,
+                       help="pre-split input: the test file(s), e.g. test.csv; values unseen in train map to the "
+                       "field's OOV id 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m data.prepare`` argument parser."""
     p = argparse.ArgumentParser(
         prog="python -m data.prepare",
         description=(
-            "Preprocess a raw Criteo (train.txt / day_N, TSV, 40 columns) or Avazu (train, CSV with "
-            "header) file into parquet splits + vocabularies + train-split feature counts. "
-            "The file is streamed in two passes (count, then encode); gzip input is detected "
-            "from its magic bytes."
+            "Preprocess raw Criteo (train.txt / day_N, TSV, 40 columns; or a CSV with the header "
+            "Label,I1,...,C26 as BARS Criteo_x4) or Avazu (train, CSV with header) files into parquet splits + "
+            "vocabularies + train-split feature counts. The input is streamed in two passes (count, then "
+            "encode); gzip / bz2 / zstd input is detected from its magic bytes. " + INPUT_HELP + ". Pre-split train / val / test files "
+            "go to --train/--val/--test."
         ),
         epilog=(
             "output: OUT/{train,val,test}.parquet (label int8 + one int32 local-id column per field), "
             "OUT/vocab.parquet (field, value, id, count), OUT/frequency.npy (train counts per global id), "
-            "OUT/manifest.json (cardinalities, offsets, params, row counts, checksums). "
-            "A second run with the same input and parameters reuses OUT. "
+            "OUT/manifest.json (cardinalities, offsets, params, every input file's identity and rows, row counts, "
+            "checksums). A second run with the same inputs and parameters reuses OUT. "
             "Exit status 2 on malformed input or a missing file."
         ),
     )
     p.add_argument("--dataset", required=True, choices=list(SCHEMAS), help="raw file format")
-    p.add_argument("--input", required=True, metavar="FILE", help="the raw labeled train file (plain or gzip)")
+    p.add_argument("--input", nargs="+", metavar="FILE", default=None,
+                   help="the raw labeled file(s) (plain or compressed); several files or globs in order")
+    add_presplit_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
-    p.add_argument(
-        "--min-count",
-        type=int,
-        default=2,
-        help="categories seen fewer times (whole file, before the split) map to the field's OOV id 0; "
-        "Criteo integer fields are bucketed and never OOV (default 2)",
-    )
-    p.add_argument(
-        "--split",
-        choices=SPLIT_METHODS,
-        default="random",
-        help="random: 8:1:1 by a hash of (row index, seed); time: first 80%% / next 10%% / last 10%% "
-        "in file order (default random)",
-    )
+    p.add_argument("--min-count", type=int, default=2, help=MIN_COUNT_HELP)
+    p.add_argument("--split", choices=SPLIT_METHODS, default=None, help=SPLIT_HELP)
     p.add_argument("--seed", type=int, default=2022, help="seed of the random split (default 2022)")
     p.add_argument(
         "--on-bad-rows",
@@ -663,9 +938,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        spec = input_options(args.input, args.train, args.val, args.test, "--input")
+        if spec is None:
+            raise ValueError("no input: give --input FILE... or the pre-split --train F --val F --test F")
         manifest = prepare(
             args.dataset,
-            args.input,
+            spec,
             args.out,
             min_count=args.min_count,
             split=args.split,
@@ -681,8 +959,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     rows = manifest["rows"]
+    files = len(manifest.get("inputs", [None]))
     print(
-        f"{manifest['dataset']}: {rows['total']:,} rows (train {rows['train']:,} / val {rows['val']:,} / "
+        f"{manifest['dataset']}: {rows['total']:,} rows"
+        + (f" from {files} files" if files > 1 else "")
+        + f" (train {rows['train']:,} / val {rows['val']:,} / "
         f"test {rows['test']:,}), {manifest['num_features']:,} features in {len(manifest['fields'])} fields, "
         f"skipped {manifest['bad_rows']['skipped']:,} bad rows -> {args.out} ({manifest['seconds']:.1f} s)"
     )

@@ -12,6 +12,15 @@ Malformed input raises ``RawFormatError`` (``on_bad_rows="error"``) or is skippe
 by reason (``on_bad_rows="skip"``). Blank lines are skipped in both modes and counted as
 ``empty_line``. gzip, bz2 and zstd files are recognised by their magic bytes and decompressed
 on the fly, whatever their name.
+
+Besides the original layouts (Criteo TSV without header, Avazu CSV with header), a header row
+naming the schema's columns in any order (case-insensitive, ``id`` optional for Avazu) is
+accepted, and so is a comma-separated Criteo copy with the header ``Label,I1,...,C26`` (BARS /
+FuxiCTR Criteo_x4; integers may be written as pandas floats, ``5.0``).
+
+``MultiReader`` reads several files of one layout (Criteo 1TB ``day_0`` ... ``day_23``) as one
+stream, in order; ``expand_inputs`` turns paths and globs into that order (natural sort) and
+``sniff_inputs`` checks every file's layout before anything is read.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ PARSE_BLOCK_SIZE = 1 << 20
 ON_BAD_ROWS = ("error", "skip")
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
 _INT_RE = r"^-?[0-9]{1,18}$"
+_FLOAT_INT_RE = r"^-?[0-9]{1,18}(\.0+)?$"  # "5.0": an integer as pandas writes it in a float column
 _SNIFF_BYTES = 1 << 20
 
 # A validator gets a block's distinct values of one column (a utf8 array) and returns a bool
@@ -135,6 +145,7 @@ class RawFormatError(ValueError):
         reason: str = "format",
     ):
         self.path = Path(path)
+        self.message = message
         self.line = line
         self.column = column
         self.reason = reason
@@ -172,17 +183,63 @@ def open_raw(path: str | os.PathLike) -> tuple[pa.NativeFile, pa.NativeFile]:
 
 @dataclass(frozen=True)
 class Layout:
-    """What the first line says about a raw file: whether it carries the label column."""
+    """What the first line says about a raw file.
+
+    Attributes:
+        labeled: whether the file carries the label column.
+        columns: the file's columns in file order (the schema's names).
+        compression: 'gzip', 'bz2', 'zstd' or None.
+        delimiter: the field separator.
+        header_lines: lines before the first row (1 for a header, else 0).
+        float_integers: integer columns may be written as pandas floats ("5.0"), as in the
+            CSV copies of Criteo with a header (BARS / FuxiCTR Criteo_x4).
+    """
 
     labeled: bool
     columns: tuple[str, ...]
     compression: str | None
+    delimiter: str
+    header_lines: int
+    float_integers: bool = False
+
+    def same_as(self, other: Layout) -> bool:
+        """Whether two files can be read as one stream (compression may differ)."""
+        return (self.labeled, self.columns, self.delimiter, self.header_lines, self.float_integers) == (
+            other.labeled, other.columns, other.delimiter, other.header_lines, other.float_integers
+        )
+
+    def describe(self, schema: DatasetSchema) -> str:
+        """E.g. "a labeled criteo file (40 tab-separated columns, no header)"."""
+        kind = "tab-separated" if self.delimiter == "\t" else "comma-separated"
+        head = "with a header line" if self.header_lines else "no header"
+        what = f"a labeled {schema.name} file" if self.labeled else f"an unlabeled {schema.name} test file"
+        return f"{what} ({len(self.columns)} {kind} columns, {head})"
 
 
 def _kaggle_csv_header(first: str) -> bool:
     """True for the header of the Kaggle CSV copies of Criteo: ``Id,Label,I1,...,C26``."""
     names = [n.strip().strip('"').lower() for n in first.split(",")]
     return names[:2] == ["id", "label"] and names[2:] == [c.lower() for c in CRITEO.columns[1:]]
+
+
+def _header_names(first: str, delimiter: str) -> tuple[str, ...]:
+    return tuple(n.strip().strip('"') for n in first.split(delimiter))
+
+
+def _match_header(names: Sequence[str], schema: DatasetSchema) -> tuple[bool, tuple[str, ...]] | None:
+    """``(labeled, columns in file order)`` when ``names`` are the schema's columns in any order
+    (compared case-insensitively, the ``schema.drop`` columns optional), else None."""
+    by_lower = {c.lower(): c for c in schema.columns}
+    mapped = tuple(by_lower.get(n.lower(), "") for n in names)
+    if "" in mapped or len(set(mapped)) != len(mapped):
+        return None
+    present = set(mapped)
+    needed = set(schema.columns) - set(schema.drop)
+    if present - set(schema.drop) == needed:
+        return True, mapped
+    if present - set(schema.drop) == needed - {schema.label}:
+        return False, mapped
+    return None
 
 
 def _looks_like(first: str) -> str | None:
@@ -225,15 +282,14 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
         if first_b.startswith(b"\xef\xbb\xbf"):
             first_b = first_b[3:]
         first = first_b.decode("utf-8", errors="replace")
-        names = tuple(first.split(schema.delimiter))
-        if names == schema.columns:
-            return Layout(True, schema.columns, compression)
-        if names == schema.test_columns:
-            return Layout(False, schema.test_columns, compression)
+        found = _match_header(_header_names(first, schema.delimiter), schema)
+        if found is not None:
+            return Layout(found[0], found[1], compression, schema.delimiter, 1)
         other = _looks_like(first)
         if other and "Avazu" not in other:
             raise RawFormatError(
-                path, f"this looks like {other}, not {schema.name}: use --dataset criteo", line=1
+                path, f"this looks like {other}, not {schema.name}: use --dataset criteo", line=1,
+                reason="wrong_dataset",
             )
         shown = first if len(first) <= 80 else first[:77] + "..."
         raise RawFormatError(
@@ -242,8 +298,14 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
             f"'{schema.delimiter.join(schema.columns[:4])}{schema.delimiter}...' "
             f"({len(schema.columns)} columns), found '{shown}'",
             line=1,
+            reason="bad_header",
         )
     first_line = lines[0].rstrip(b"\r").removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace")
+    if "," in first_line and "\t" not in first_line:
+        # a CSV copy with a header (BARS / FuxiCTR Criteo_x4: 'Label,I1,...,I13,C1,...,C26')
+        found = _match_header(_header_names(first_line, ","), schema)
+        if found is not None:
+            return Layout(found[0], found[1], compression, ",", 1, float_integers=schema.name == CRITEO.name)
     if schema.name == CRITEO.name and _kaggle_csv_header(first_line):
         raise RawFormatError(
             path,
@@ -252,6 +314,7 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
             f"`tail -n +2 {path.name} | cut -d, -f2- | tr ',' '\\t' > train.txt` (Criteo values hold no "
             "commas) and pass train.txt",
             line=1,
+            reason="kaggle_csv",
         )
     # No header (Criteo): the first non-blank line decides between train (40) and test (39).
     for number, line_b in enumerate(lines[:-1] if len(lines) > 1 else lines, start=1):
@@ -261,17 +324,18 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
         line = line_b.decode("utf-8", errors="replace")
         n = len(line.split(schema.delimiter))
         if n == len(schema.columns):
-            return Layout(True, schema.columns, compression)
+            return Layout(True, schema.columns, compression, schema.delimiter, 0)
         if n == len(schema.test_columns):
-            return Layout(False, schema.test_columns, compression)
+            return Layout(False, schema.test_columns, compression, schema.delimiter, 0)
         other = _looks_like(line)
         if other and schema.name.capitalize() not in other:
             raise RawFormatError(
-                path, f"this looks like {other}, not {schema.name}: use --dataset avazu", line=number
+                path, f"this looks like {other}, not {schema.name}: use --dataset avazu", line=number,
+                reason="wrong_dataset",
             )
         # Let the row-level checks report (or skip) it with the right column.
-        return Layout(True, schema.columns, compression)
-    return Layout(True, schema.columns, compression)
+        return Layout(True, schema.columns, compression, schema.delimiter, 0)
+    return Layout(True, schema.columns, compression, schema.delimiter, 0)
 
 
 @dataclass
@@ -280,11 +344,14 @@ class RawBlock:
 
     Attributes:
         batch: dictionary-encoded columns (int32 indices, utf8 dictionary), bad rows removed.
-        first_row: index of the block's first row among all good rows of the file (0-based).
+        first_row: index of the block's first row among all good rows of the file (0-based;
+            of the concatenation for a ``MultiReader``).
+        file_index: which input file of a ``MultiReader`` the block comes from.
     """
 
     batch: pa.RecordBatch
     first_row: int
+    file_index: int = 0  # which input file (``MultiReader``)
 
     @property
     def num_rows(self) -> int:
@@ -301,6 +368,7 @@ class CountBlock:
     counts: dict[str, tuple[pa.Array, np.ndarray]]
     first_row: int
     num_rows: int
+    file_index: int = 0
 
 
 def _maybe_blank(values: Sequence[pa.Array]) -> bool:
@@ -413,6 +481,7 @@ class RawReader:
         validators: extra checks, ``{column: (fn, expected)}``; ``fn(distinct_values)`` returns a
             bool mask of bad values, ``expected`` completes the message "expected ...".
         prefetch: parse the next block in a background thread while the caller works.
+        layout: the file's ``Layout`` when already sniffed (``sniff_inputs``).
 
     After iteration, ``rows`` is the number of good rows and ``bad_rows`` the skipped rows by
     reason (``column_count``, ``not_utf8``, ``bad_label``, ``bad_integer``, ``bad_value``,
@@ -430,6 +499,7 @@ class RawReader:
         require_label: bool = False,
         validators: dict[str, tuple[Validator, str]] | None = None,
         prefetch: bool = True,
+        layout: Layout | None = None,
     ):
         if on_bad_rows not in ON_BAD_ROWS:
             raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
@@ -439,7 +509,7 @@ class RawReader:
         self.schema = schema
         self.on_bad_rows = on_bad_rows
         self.block_size = int(block_size)
-        self.layout = sniff_layout(self.path, schema)
+        self.layout = layout if layout is not None else sniff_layout(self.path, schema)
         if require_label and not self.layout.labeled:
             raise RawFormatError(
                 self.path,
@@ -461,7 +531,8 @@ class RawReader:
         self._parsed = 0  # rows the parser produced (good + bad-content + blank)
         self._invalid = _Invalid()
         self._raw: pa.NativeFile | None = None
-        self._header_lines = 1 if schema.has_header else 0
+        self._header_lines = self.layout.header_lines
+        self.delimiter = self.layout.delimiter
         self._pool: ThreadPoolExecutor | None = None
         self._row_handler: _RowHandler | None = None
 
@@ -492,7 +563,7 @@ class RawReader:
         inv = self._invalid
         inv.count += 1
         if self.on_bad_rows == "error" and inv.first is None:
-            col, msg = _column_count_message(self.file_columns, row.actual_columns, self.schema.delimiter)
+            col, msg = _column_count_message(self.file_columns, row.actual_columns, self.delimiter)
             number = row.number if row.number is not None else -1
             inv.first = _BadRow(number, col, msg, "column_count")
         if row.number is not None and self.on_bad_rows == "error":
@@ -521,7 +592,7 @@ class RawReader:
         _HANDLERS.add(handler)
         self._row_handler = handler
         parse_opts = pacsv.ParseOptions(
-            delimiter=self.schema.delimiter,
+            delimiter=self.delimiter,
             quote_char=False,
             ignore_empty_lines=False,
             invalid_row_handler=handler,
@@ -556,7 +627,7 @@ class RawReader:
             first = self._invalid.first
             if first is not None and 0 <= first.line < line:
                 return RawFormatError(self.path, first.message, line=first.line, column=first.column, reason=first.reason)
-            col, text = _column_count_message(self.file_columns, actual, self.schema.delimiter)
+            col, text = _column_count_message(self.file_columns, actual, self.delimiter)
             if self._row_handler is not None and self._row_handler.undecodable:
                 text += "; the line also holds bytes that are not UTF-8"
                 if self.on_bad_rows == "skip":
@@ -659,7 +730,7 @@ class RawReader:
             if bad.any():
                 problems.append((bad, "bad_label", "0 or 1"))
         elif name in schema.integer_columns:
-            ok = pc.match_substring_regex(text, _INT_RE)
+            ok = pc.match_substring_regex(text, _FLOAT_INT_RE if self.layout.float_integers else _INT_RE)
             if schema.name == CRITEO.name:  # Criteo integers may be missing (empty)
                 ok = pc.or_(ok, pc.equal(text, ""))
             bad = ~ok.to_numpy(zero_copy_only=False)
@@ -769,3 +840,158 @@ class RawReader:
             if not mask.any():
                 return None
         return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# several files read as one stream
+# ---------------------------------------------------------------------------------------------
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def natural_key(path: str | os.PathLike) -> list:
+    """Sort key that orders numbers by value: ``day_2`` before ``day_10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def expand_inputs(patterns: str | os.PathLike | Sequence[str | os.PathLike], what: str = "--data") -> list[Path]:
+    """Paths and globs -> files in order: each glob expanded and sorted naturally (day_2 < day_10).
+
+    A path that exists is taken as it is, even if its name holds glob characters. Raises
+    ``FileNotFoundError`` for a glob that matches nothing or a missing path and ``ValueError``
+    for a file given twice.
+    """
+    import glob
+
+    items = [patterns] if isinstance(patterns, str | os.PathLike) else list(patterns)
+    if not items:
+        raise ValueError(f"{what}: no input file given")
+    out: list[Path] = []
+    for item in items:
+        text = os.fspath(item)
+        if not os.path.exists(text) and _GLOB_CHARS.search(text):
+            matches = sorted(glob.glob(os.path.expanduser(text)), key=natural_key)
+            if not matches:
+                raise FileNotFoundError(f"{what} {text}: no file matches this pattern")
+            out.extend(Path(m) for m in matches)
+        else:
+            out.append(Path(os.path.expanduser(text)))
+    seen: dict[Path, Path] = {}
+    for p in out:
+        key = p.resolve()
+        if key in seen:
+            raise ValueError(f"{what}: {p} is given twice (as {seen[key]} and {p}); each file is read once")
+        seen[key] = p
+    return out
+
+
+def sniff_inputs(paths: Sequence[str | os.PathLike], schema: DatasetSchema) -> list[Layout]:
+    """``sniff_layout`` of every file, all before any reading: they must share one layout.
+
+    A file that looks like another dataset than the first, or whose layout (labeled or not,
+    delimiter, header) differs from the first file's, raises ``RawFormatError`` naming both.
+    """
+    layouts: list[Layout] = []
+    first: Path | None = None
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file")
+        if p.is_dir():
+            raise IsADirectoryError(f"{p}: is a directory, expected a raw {schema.name} file")
+        try:
+            layout = sniff_layout(p, schema)
+        except RawFormatError as e:
+            if first is None or e.reason not in ("wrong_dataset", "bad_header"):
+                raise
+            said = e.message.split(", not ")[0] if e.reason == "wrong_dataset" else e.message
+            raise RawFormatError(
+                p, f"{said}; but {first.name}, the first input file, is {layouts[0].describe(schema)}: "
+                "all input files must have the same layout", line=e.line, reason="mixed_layout",
+            ) from None
+        if first is None:
+            first = p
+        elif not layout.same_as(layouts[0]):
+            raise RawFormatError(
+                p, f"this is {layout.describe(schema)}, but {first.name}, the first input file, is "
+                f"{layouts[0].describe(schema)}: all input files must have the same layout",
+                line=1, reason="mixed_layout",
+            )
+        layouts.append(layout)
+    return layouts
+
+
+class MultiReader:
+    """Several raw files of one layout read as one stream, in order, block by block.
+
+    Every file is sniffed up front (``sniff_inputs``: same layout, label present when
+    required) before any of them is read. Each file keeps its own ``RawReader``, so an error
+    names that file and its own line. Blocks never straddle files; a block's ``first_row`` is
+    its index in the concatenation and ``file_index`` says which file it comes from.
+
+    After a full iteration: ``rows`` (all files), ``file_rows`` (per file) and ``bad_rows``
+    (summed over files, by reason).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        schema: DatasetSchema,
+        *,
+        require_label: bool = False,
+        layouts: Sequence[Layout] | None = None,
+        **reader_kw,
+    ):
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise ValueError("no input files")
+        self.schema = schema
+        self.layouts = list(layouts) if layouts is not None else sniff_inputs(self.paths, schema)
+        self._kw = dict(reader_kw, require_label=require_label)
+        self.readers = [
+            RawReader(p, schema, require_label=require_label, layout=lay, **reader_kw)
+            for p, lay in zip(self.paths, self.layouts, strict=True)
+        ]
+        self.columns = self.readers[0].columns
+        self.size = sum(r.size for r in self.readers)
+        self.rows = 0
+        self.file_rows: list[int] = [0] * len(self.readers)
+        self.bad_rows: dict[str, int] = {}
+        self._current = -1
+
+    def subset(self, indices: Sequence[int]) -> MultiReader:
+        """A reader over some of the files (same options; no second sniffing)."""
+        return MultiReader(
+            [self.paths[i] for i in indices], self.schema, layouts=[self.layouts[i] for i in indices], **self._kw
+        )
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes on disk consumed so far over all files (compressed bytes for compressed files)."""
+        done = sum(r.size for r in self.readers[: max(self._current, 0)])
+        if 0 <= self._current < len(self.readers):
+            return done + self.readers[self._current].bytes_read
+        return self.size if self._current >= len(self.readers) else 0
+
+    def __iter__(self) -> Iterator[RawBlock]:
+        return self._iterate("encode")  # type: ignore[return-value]
+
+    def iter_counts(self) -> Iterator[CountBlock]:
+        return self._iterate("count")  # type: ignore[return-value]
+
+    def _iterate(self, mode: str) -> Iterator[RawBlock | CountBlock]:
+        self.rows = 0
+        self.file_rows = [0] * len(self.readers)
+        self.bad_rows = {}
+        offset = 0
+        for i, reader in enumerate(self.readers):
+            self._current = i
+            for block in reader.iter_counts() if mode == "count" else reader:
+                block.first_row += offset
+                block.file_index = i
+                yield block
+            self.file_rows[i] = reader.rows
+            offset += reader.rows
+            for reason, n in reader.bad_rows.items():
+                self.bad_rows[reason] = self.bad_rows.get(reason, 0) + n
+        self.rows = offset
+        self._current = len(self.readers)

@@ -1,8 +1,10 @@
-"""Where a run's data comes from: the user's raw file, a prepared directory, or the synthetic default.
+"""Where a run's data comes from: the user's raw files, a prepared directory, or the synthetic default.
 
-Every CLI resolves its data here, so ``--data``, ``--prepared`` and ``--synthetic`` mean the
-same thing everywhere. Prepared output is cached under ``cache_dir`` keyed by the input and
-the preprocessing parameters (``data.prepare`` reuses a matching directory).
+Every CLI resolves its data here, so ``--data`` (one file, or several files / globs read as
+one stream in order), ``--train/--val/--test`` (pre-split files), ``--prepared`` and
+``--synthetic`` mean the same thing everywhere. Prepared output is cached under ``cache_dir``
+keyed by every input file's path and the preprocessing parameters (``data.prepare`` reuses a
+matching directory when the files' sizes and mtimes match too).
 """
 
 from __future__ import annotations
@@ -10,11 +12,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from data.artifacts import ArtifactError
 from data.batches import PreparedDataset
-from data.prepare import prepare
+from data.prepare import (
+    INPUT_HELP,
+    MIN_COUNT_HELP,
+    SPLIT_HELP,
+    add_presplit_arguments,
+    input_files,
+    input_options,
+    prepare,
+    resolve_split,
+)
 from data.reader import ON_BAD_ROWS
 from data.schema import SCHEMAS, get_schema
 from data.synthetic import GENERATOR_VERSION, generate
@@ -28,11 +41,27 @@ class DataNotFoundError(RuntimeError):
     """No data was given and no real file was found; the message says how to get some."""
 
 
+class InputList(list):
+    """The paths of ``--data``: a list that prints as the paths, space-separated (for titles)."""
+
+    def __str__(self) -> str:
+        return " ".join(str(p) for p in self)
+
+
+class _StoreInputs(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, InputList(values))
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int | None = None) -> None:
     """The data options every CLI shares."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", required=True, help=f"dataset format: {' or '.join(SCHEMAS)}")
-    g.add_argument("--data", metavar="FILE", help="the real raw file (Criteo train.txt / day_N, Avazu train)")
+    g.add_argument(
+        "--data", nargs="+", metavar="FILE", action=_StoreInputs, default=None,
+        help="the real raw file(s) (Criteo train.txt / day_N, Avazu train). " + INPUT_HELP,
+    )
+    add_presplit_arguments(g)
     g.add_argument("--prepared", metavar="DIR", help="a directory already written by `python -m data.prepare`")
     g.add_argument(
         "--synthetic",
@@ -44,8 +73,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int |
     )
     g.add_argument("--days", type=int, default=1, help="synthetic: number of days (time order)")
     g.add_argument("--drift", type=float, default=0.0, help="synthetic: click-model drift between days")
-    g.add_argument("--min-count", type=int, default=None, help="categories seen fewer times map to OOV (default 2)")
-    g.add_argument("--split", choices=SPLIT_METHODS, default="random", help="8:1:1 split (default random)")
+    g.add_argument("--min-count", type=int, default=None, help=MIN_COUNT_HELP)
+    g.add_argument("--split", choices=SPLIT_METHODS, default=None, help=SPLIT_HELP)
     g.add_argument("--data-seed", type=int, default=2022, help="split and synthetic-data seed (default 2022)")
     g.add_argument("--on-bad-rows", choices=ON_BAD_ROWS, default="error", help="malformed rows: stop or skip")
     g.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help=f"where prepared data is cached (default {DEFAULT_CACHE})")
@@ -82,12 +111,27 @@ def synthetic_file(cache_dir: str | os.PathLike, dataset: str, rows: int, days: 
     return Path(cache_dir) / "synthetic" / f"{schema.name}_v{GENERATOR_VERSION}_{rows}rows_{days}d_drift{drift:g}_s{seed}{suffix}"
 
 
-def prepared_dir(cache_dir: str | os.PathLike, dataset: str, raw: str | os.PathLike, min_count: int, split: str,
-                 seed: int) -> Path:
-    """Where the prepared output of ``raw`` with these parameters is cached."""
-    raw = Path(raw)
-    key = hashlib.sha256(str(raw.resolve()).encode()).hexdigest()[:10]
-    return Path(cache_dir) / "prepared" / f"{get_schema(dataset).name}_{raw.name}_{key}_mc{min_count}_{split}_s{seed}"
+def prepared_dir(cache_dir: str | os.PathLike, dataset: str,
+                 raw: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, Any], min_count: int,
+                 split: str | None, seed: int) -> Path:
+    """Where the prepared output of ``raw`` with these parameters is cached.
+
+    ``raw``: one file, several files / globs (in order), or ``{"train", "val", "test"}``
+    pre-split files (``data.prepare.input_files``). The key covers every file's resolved path,
+    in order (and its split); ``data.prepare`` checks their sizes and mtimes.
+    """
+    inputs = input_files(raw)
+    split = resolve_split(split, inputs)
+    name = get_schema(dataset).name
+    files = inputs.files
+    if len(files) == 1 and not inputs.presplit:  # the name of a single file, as it always was
+        key = hashlib.sha256(str(files[0].resolve()).encode()).hexdigest()[:10]
+        stem = files[0].name
+    else:
+        lines = [f"{s}:{f.resolve()}" for s, f in zip(inputs.splits or [""] * len(files), files, strict=True)]
+        key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
+        stem = f"{files[0].name}-{files[-1].name}_{len(files)}files"
+    return Path(cache_dir) / "prepared" / f"{name}_{stem}_{key}_mc{min_count}_{split}_s{seed}"
 
 
 def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
@@ -97,24 +141,30 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
     args.dataset = schema.name
     if args.prepared:
         return PreparedDataset(args.prepared)
+    spec = input_options(getattr(args, "data", None), getattr(args, "train", None), getattr(args, "val", None),
+                         getattr(args, "test", None), "--data")
     cache = Path(args.cache_dir)
-    raw = Path(args.data) if args.data else None
-    if raw is None and args.synthetic is None:
-        raw = find_real_file(schema.name)
-        if raw is None:
+    if spec is None and args.synthetic is None:
+        found = find_real_file(schema.name)
+        if found is None:
             raise DataNotFoundError(how_to_get(schema.name))
-    if raw is None:
+        spec = [found]
+    if spec is None:
         raw = synthetic_file(cache, schema.name, args.synthetic, args.days, args.drift, args.data_seed)
         if not raw.exists():
             generate(schema.name, args.synthetic, raw, days=args.days, drift=args.drift, seed=args.data_seed, progress=progress)
-    elif raw.is_dir():
-        raise IsADirectoryError(f"{raw}: is a directory, expected a raw {schema.name} file")
-    elif not raw.is_file():
-        raise FileNotFoundError(f"{raw}: no such file")
+        spec = [raw]
+    inputs = input_files(spec, "--data")
+    for raw in inputs.files:
+        if raw.is_dir():
+            raise IsADirectoryError(f"{raw}: is a directory, expected a raw {schema.name} file")
+        if not raw.is_file():
+            raise FileNotFoundError(f"{raw}: no such file")
+    split = resolve_split(args.split, inputs)
     min_count = args.min_count if args.min_count is not None else schema.default_min_count
-    out = prepared_dir(cache, schema.name, raw, min_count, args.split, args.data_seed)
+    out = prepared_dir(cache, schema.name, spec, min_count, split, args.data_seed)
     prepare(
-        schema.name, raw, out, min_count=min_count, split=args.split, seed=args.data_seed,
+        schema.name, spec, out, min_count=min_count, split=split, seed=args.data_seed,
         on_bad_rows=args.on_bad_rows, progress=progress,
     )
     return PreparedDataset(out)

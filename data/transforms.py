@@ -2,7 +2,8 @@
 
 - Criteo integer bucketing: floor(ln(x)^2) for x > 2, x itself otherwise, missing kept apart.
 - Avazu ``hour`` (YYMMDDHH) -> hour of day, weekday (Monday = 0), weekend flag.
-- Deterministic split assignment (splitmix64 hash of the global row index and the seed).
+- Deterministic split assignment (splitmix64 hash of the global row index and the seed; file
+  position; the last input file for ``by-file``).
 - 64-bit keys of strings, for fast vocabulary lookups with ``np.searchsorted``.
 """
 
@@ -14,7 +15,9 @@ import pyarrow.compute as pc
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")  # the splits, by code (TRAIN, VAL, TEST)
-SPLIT_METHODS = ("random", "time")  # how rows are assigned to them: ``random_split``, ``time_split``
+# how rows of ``--data`` are assigned to them: ``random_split``, ``time_split``, ``by_file_split``
+SPLIT_METHODS = ("random", "time", "by-file")
+PRESPLIT = "pre-split"  # the split of ``--train/--val/--test``: every row stays in its file's split
 
 # splitmix64: the golden-ratio increment and the two multipliers of its finaliser (as unsigned
 # ints; ``baselines.hashing.splitmix64_torch`` uses the same constants on int64 tensors).
@@ -59,6 +62,23 @@ def time_split(first_row: int, n: int, total: int) -> np.ndarray:
     return codes
 
 
+def by_file_split(first_row: int, n: int, file_rows: list[int] | tuple[int, ...]) -> np.ndarray:
+    """Split codes of the ``by-file`` split (the DLRM / torchrec day split) of a concatenation.
+
+    ``file_rows``: rows of each input file, in order. Rows of every file but the last are
+    train; the last file's first half (``n_last // 2`` rows) is val, the rest test.
+    """
+    if len(file_rows) < 2:
+        raise ValueError("the by-file split needs at least 2 input files")
+    start = int(sum(file_rows[:-1]))
+    half = int(file_rows[-1]) // 2
+    idx = np.arange(first_row, first_row + n, dtype=np.int64)
+    codes = np.zeros(n, dtype=np.int8)
+    codes[idx >= start] = VAL
+    codes[idx >= start + half] = TEST
+    return codes
+
+
 def time_split_sizes(total: int) -> tuple[int, int, int]:
     """(train, val, test) row counts of the time split of ``total`` rows."""
     n_train = (total * 8) // 10
@@ -78,6 +98,7 @@ def criteo_int_bucket(values: np.ndarray) -> np.ndarray:
 def criteo_int_categories(text: pa.Array) -> pa.Array:
     """Raw Criteo integer strings -> category strings: the bucket in decimal, missing ("") stays ""."""
     text = text.cast(pa.string())
+    text = pc.replace_substring_regex(text, r"\.0+$", "")  # "5.0" (a pandas float column) is 5
     missing = pc.equal(text, "").to_numpy(zero_copy_only=False)
     safe = pc.if_else(pa.array(missing), "0", text)
     values = pc.cast(safe, pa.int64()).to_numpy(zero_copy_only=False)

@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             f"test AUC {row['test_auc']:.5f}  logloss {row['test_logloss']:.5f}  val AUC {row['val_auc']:.5f}  "
             f"{row['seconds']:.1f}s")
     if rows:
-        src = args.data or args.prepared or f"synthetic {args.synthetic:,} rows"
+        src = args.data or args.prepared or (f"synthetic {args.synthetic:,} rows" if args.synthetic else str(data.root))
         title = (f"{data.dataset} ({src}), tower {args.tower} {args.hidden or 'default'}, dim {args.dim}, "
                  f"{args.epochs} epoch(s)")
         points = summarize(rows)

@@ -12,14 +12,18 @@ same Criteo-format file, in the same run:
 - ``arrow_read_csv_ceiling`` / ``arrow_read_csv_inferred``: ``pyarrow.csv.read_csv``
   multithreaded over the whole file (all-bytes columns / inferred types), parse only: the
   parse ceiling of this machine;
-- ``prepare_full``: the whole ``prepare`` (both passes, parquet output), for reference.
+- ``prepare_full``: the whole ``prepare`` (both passes, parquet output), for reference;
+- ``arrow_count_days`` / ``prepare_full_days``: the same two on the input cut into ``--days``
+  day files (``day_0`` ... as Criteo 1TB ships them) read as one stream (``MultiReader``),
+  ``prepare_full_days`` with ``--split by-file`` (the last day is val + test).
 
 Input: ``--input FILE`` or a generated ``--rows``-row Criteo-format file (``data.synthetic``),
-cached in ``--out``.
+cached in ``--out`` (with its day files).
 Results: ``--out/bench_prepare.json`` and ``.csv``.
 
-    python -m experiments.bench_prepare                 # 2M generated rows
-    python -m experiments.bench_prepare --input train.txt --skip prepare_full
+    python -m experiments.bench_prepare                 # 2M generated rows (and as 4 day files)
+    python -m experiments.bench_prepare --input train.txt --skip prepare_full prepare_full_days
+    python -m experiments.bench_prepare --rows 200000 --skip pandas_count pandas_count_inferred  # quick
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ CONTENDERS = (
     "arrow_read_csv_ceiling",
     "arrow_read_csv_inferred",
     "prepare_full",
+    "arrow_count_days",
+    "prepare_full_days",
 )
 
 
@@ -85,10 +91,29 @@ def make_input(out: Path, rows: int, seed: int) -> Path:
     return path
 
 
+def make_days(path: Path, out: Path, days: int) -> list[Path]:
+    """``path`` cut into ``days`` consecutive day files of nearly equal lines (cached under ``out``), streamed."""
+    root = out / f"{path.stem}_{days}days"
+    files = [root / f"day_{d}" for d in range(days)]
+    if all(f.exists() for f in files) and (root / "complete").exists():
+        return files
+    root.mkdir(parents=True, exist_ok=True)
+    with open(path, "rb") as f:
+        lines = sum(1 for _ in f)
+    bounds = [lines * d // days for d in range(days + 1)]
+    with open(path, "rb") as f:
+        for d, dst in enumerate(files):
+            with open(dst, "wb") as w:
+                for _ in range(bounds[d + 1] - bounds[d]):
+                    w.write(next(f))
+    (root / "complete").write_text(f"{lines}\n")
+    return files
+
+
 # ---------------------------------------------------------------------------------------------
 # workers (each runs in its own process)
 # ---------------------------------------------------------------------------------------------
-def _work_arrow_count(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _work_arrow_count(path: Path | list[Path], args: argparse.Namespace) -> dict[str, Any]:
 
     rss0 = _rss_mb()
     t = time.perf_counter()
@@ -140,7 +165,7 @@ def _work_read_csv(path: Path, args: argparse.Namespace, infer: bool) -> dict[st
     return {"rows": table.num_rows, "seconds": seconds, "import_rss_mb": rss0}
 
 
-def _work_prepare_full(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _work_prepare_full(path: Path | list[Path], args: argparse.Namespace, split: str = "random") -> dict[str, Any]:
     import shutil
 
 
@@ -148,7 +173,7 @@ def _work_prepare_full(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / "prepared_bench"
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    m = prepare("criteo", path, out, progress=False, block_size=args.block_size)
+    m = prepare("criteo", path, out, split=split, progress=False, block_size=args.block_size)
     seconds = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
     return {"rows": m["rows"]["total"], "seconds": seconds, "num_features": m["num_features"], "import_rss_mb": rss0}
@@ -168,6 +193,12 @@ def worker(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
         res = _work_read_csv(path, args, infer=True)
     elif name == "prepare_full":
         res = _work_prepare_full(path, args)
+    elif name == "arrow_count_days":
+        res = _work_arrow_count(make_days(path, Path(args.out), args.days), args)
+        res["files"] = args.days
+    elif name == "prepare_full_days":
+        res = _work_prepare_full(make_days(path, Path(args.out), args.days), args, split="by-file")
+        res["files"] = args.days
     else:
         raise ValueError(f"unknown contender {name!r}")
     res["peak_rss_mb"] = _rss_mb()
@@ -179,7 +210,8 @@ def worker(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 def run_in_subprocess(name: str, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "experiments.bench_prepare", "--worker", name, "--input", str(path),
-           "--out", str(args.out), "--block-size", str(args.block_size), "--chunksize", str(args.chunksize)]
+           "--out", str(args.out), "--block-size", str(args.block_size), "--chunksize", str(args.chunksize),
+           "--days", str(args.days)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench_prepare", help="results and cached input (default runs/bench_prepare)")
     p.add_argument("--block-size", type=int, default=None, help="data.prepare block size in bytes (default: prepare's)")
     p.add_argument("--chunksize", type=int, default=200_000, help="pandas read_csv chunk rows (default 200,000)")
+    p.add_argument("--days", type=int, default=4,
+                   help="day files the input is cut into for the *_days contenders (default 4)")
     p.add_argument("--repeat", type=int, default=1, help="runs per contender; the fastest is kept (default 1)")
     p.add_argument("--skip", nargs="*", default=[], choices=CONTENDERS, help="contenders to leave out")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -208,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(args.input) if args.input else make_input(out, args.rows, args.seed)
+    if args.days < 2:
+        p.error("--days must be at least 2 (prepare_full_days splits by file)")
+    if any(name.endswith("_days") and name not in args.skip for name in CONTENDERS):
+        make_days(path, out, args.days)
     results: dict[str, dict[str, Any]] = {}
     for name in CONTENDERS:
         if name in args.skip:
@@ -226,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_bytes": path.stat().st_size,
         "block_size": args.block_size,
         "pandas_chunksize": args.chunksize,
+        "days": args.days,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "results": results,
@@ -246,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             summary["fraction_of_parse_ceiling"] = a["rows_per_s"] / c
             print(f"arrow_count reaches {summary['fraction_of_parse_ceiling']:.0%} of the multithreaded "
                   f"read_csv parse ceiling ({c / 1e6:.3f} M rows/s)")
+    for multi, one in (("arrow_count_days", "arrow_count"), ("prepare_full_days", "prepare_full")):
+        if multi in results and one in results:
+            summary[f"{multi}_vs_one_file"] = results[multi]["rows_per_s"] / results[one]["rows_per_s"]
+            print(f"{multi}: {results[multi]['rows_per_s'] / 1e6:.3f} M rows/s over {args.days} day files, "
+                  f"{summary[f'{multi}_vs_one_file']:.2f}x the one-file rate")
     (out / "bench_prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / "bench_prepare.csv", "w", newline="") as f:
         w = csv.writer(f)

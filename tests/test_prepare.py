@@ -101,7 +101,8 @@ def test_criteo_counts_and_layout(criteo_out):
     assert sum(m["rows"][s] for s in SPLITS) == 8000
     assert m["bad_rows"] == {"skipped": 0, "by_reason": {}}
     assert m["params"] == {"min_count": 2, "split": "random", "seed": 2022, "on_bad_rows": "error"}
-    assert m["input"]["size"] == os.path.getsize(m["input"]["path"]) and os.path.isabs(m["input"]["path"])
+    assert len(m["inputs"]) == 1 and m["inputs"][0]["rows"] == 8000
+    assert m["inputs"][0]["size"] == os.path.getsize(m["inputs"][0]["path"]) and os.path.isabs(m["inputs"][0]["path"])
     assert np.cumsum([0, *m["cardinalities"][:-1]]).tolist() == m["field_offsets"]
     assert m["num_features"] == sum(m["cardinalities"])
     labels = all_rows(out)["label"]
@@ -289,7 +290,7 @@ def test_reuse_and_replace(criteo_sample, tmp_path, capsys):
     os.utime(src, ns=(stamp, stamp))
     capsys.readouterr()
     m4 = run("criteo", src, out, min_count=1)
-    assert "reusing" not in capsys.readouterr().out and m4["input"]["mtime_ns"] == stamp
+    assert "reusing" not in capsys.readouterr().out and m4["inputs"][0]["mtime_ns"] == stamp
     # damaged output: recomputed rather than reused
     with open(out / "val.parquet", "ab") as f:
         f.write(b"x")
