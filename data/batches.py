@@ -201,16 +201,20 @@ class PreparedDataset:
         self.num_features: int = int(self.manifest["num_features"])
         self.dataset: str = self.manifest["dataset"]
         self._frequency: np.ndarray | None = None
+        self._splits: dict[str, SplitFile] = {}
 
     def split(self, name: str) -> SplitFile:
-        """Split ``name`` ('train', 'val' or 'test'), read from disk block by block."""
+        """Split ``name`` ('train', 'val' or 'test'), read from disk block by block (opened
+        once: its file metadata and, once read, its labels are kept)."""
         if name not in SPLIT_NAMES:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLIT_NAMES}")
-        split = SplitFile(self.root / split_file(name), self.fields, self.cardinalities)
-        expected = self.manifest["rows"][name]
-        if len(split) != expected:
-            raise ArtifactError(f"{split.path}: {len(split)} rows, the manifest says {expected}")
-        return split
+        if name not in self._splits:
+            split = SplitFile(self.root / split_file(name), self.fields, self.cardinalities)
+            expected = self.manifest["rows"][name]
+            if len(split) != expected:
+                raise ArtifactError(f"{split.path}: {len(split)} rows, the manifest says {expected}")
+            self._splits[name] = split
+        return self._splits[name]
 
     def frequency(self) -> np.ndarray:
         """int64 [num_features]: train-split count of every global feature id (read once)."""
