@@ -133,6 +133,12 @@ class CTRModel(nn.Module):
         fn = getattr(self.embedding, "extra_loss", None)
         return fn() if fn is not None else None
 
+    def after_step(self) -> None:
+        """Called by the trainer after every optimiser step (e.g. MPE's budget multiplier)."""
+        fn = getattr(self.embedding, "after_step", None)
+        if fn is not None:
+            fn()
+
     def embedding_bytes(self) -> int:
         return int(self.embedding.num_bytes())
 

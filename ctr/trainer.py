@@ -158,7 +158,8 @@ class Trainer:
     """Trains ``model`` (KJT -> logits [B]) with BCE + ``model.extra_loss()`` when it has one.
 
     Args:
-        model: the model; ``model.extra_loss()`` (optional) is added to every step's loss.
+        model: the model; ``model.extra_loss()`` (optional) is added to every step's loss,
+            ``model.after_step()`` (optional) is called after every optimiser step.
         config: the ``TrainConfig``.
         optimizers: builds the optimisers from the model; default one Adam over all
             trainable parameters with ``config.lr`` and ``config.weight_decay``.
@@ -410,4 +411,7 @@ class Trainer:
         loss.backward()
         for opt in self.optimizers:
             opt.step()
+        after = getattr(distributed.unwrap(self.model), "after_step", None)
+        if after is not None:
+            after()
         return value

@@ -25,15 +25,19 @@ from mpe.embedding import MODES
 DEFAULT_LAMBDA = {"criteo": 3e-4, "avazu": 2e-6}  # the paper's
 DEFAULT_L2 = {"criteo": 3e-6, "avazu": 0.0}  # L2 on rows and tower, the paper's
 SELECTIONS = ("threshold", "argmax", "budgeted")
+BUDGET_METHODS = ("multiplier", "bisection")
 
 
 @dataclass
 class SearchConfig:
     """What MPE adds to training: groups, candidates, the size penalty and the selection.
 
-    ``lam`` None: the dataset's ``DEFAULT_LAMBDA``. ``target_ratio``: find lambda so the
-    export is about R x smaller than fp32 (bisection over ``bisection_steps`` short searches
-    on ``bisection_fraction`` of the training split).
+    ``lam`` None: the dataset's ``DEFAULT_LAMBDA``. ``target_ratio``: make the export
+    about R x smaller than fp32. ``budget="multiplier"``: in one search, lambda (starting
+    from ``lam``) is a Lagrange multiplier adapted after every step (``mpe.multiplier``;
+    ``multiplier_rate`` None: ``auto_multiplier_rate``); ``"bisection"``: lambda is found
+    first by bisection over ``bisection_steps`` short searches on ``bisection_fraction``
+    of the training split.
     """
 
     lam: float | None = None
@@ -44,6 +48,8 @@ class SearchConfig:
     tau: float = 3e-3
     selection: str = "threshold"
     samples: int = 16
+    budget: str = "multiplier"
+    multiplier_rate: float | None = None
     bisection_steps: int = 6
     bisection_fraction: float = 0.25
 
@@ -55,6 +61,16 @@ class SearchConfig:
             raise ValueError(f"unknown selection {self.selection!r}; expected one of {SELECTIONS}")
         if self.groups < 1:
             raise ValueError(f"--groups must be >= 1, got {self.groups}")
+        if self.budget not in BUDGET_METHODS:
+            raise ValueError(f"unknown budget method {self.budget!r}; expected one of {BUDGET_METHODS}")
+        if self.multiplier_rate is not None and not self.multiplier_rate > 0:
+            raise ValueError(f"--multiplier-rate must be > 0, got {self.multiplier_rate}")
+
+
+def auto_multiplier_rate(steps: int) -> float:
+    """The multiplier's rate for a search of ``steps`` steps: log(lambda) can move by 20
+    (a factor 5e8) within the search, at least 0.01 and at most 0.1 per step."""
+    return min(0.1, max(0.01, 20.0 / max(1, steps)))
 
 
 @dataclass
@@ -90,6 +106,7 @@ class MPEConfig:
         search = SearchConfig(
             lam=args.lam, target_ratio=args.target_ratio, groups=args.groups, candidates=tuple(args.bits),
             mode=args.mode, tau=args.tau, selection=args.selection, samples=args.samples,
+            budget=args.budget, multiplier_rate=args.multiplier_rate,
             bisection_steps=args.bisection_steps, bisection_fraction=args.bisection_fraction,
         )
         train = train_config(args, weight_decay=DEFAULT_L2[name])
@@ -137,6 +154,13 @@ def add_mpe_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None
         help=f"how bits are chosen from the distributions (default {s.selection})")
     add("samples", dest="samples", type=int, default=s.samples,
         help=f"budgeted selection: assignments drawn (default {s.samples})")
+    add("budget", dest="budget", choices=BUDGET_METHODS, default=s.budget,
+        help="--target-ratio: how lambda meets the size budget: 'multiplier' adapts it during the one "
+             "search (a Lagrange multiplier), 'bisection' first runs short searches to find it "
+             f"(default {s.budget})")
+    add("multiplier-rate", dest="multiplier_rate", type=float, default=s.multiplier_rate,
+        help="--budget multiplier: largest change of log(lambda) per step (default: 20 / search steps, "
+             "clipped to [0.01, 0.1])")
     add("bisection-steps", dest="bisection_steps", type=int, default=s.bisection_steps,
         help=f"--target-ratio: short searches of the lambda bisection (default {s.bisection_steps})")
     add("bisection-fraction", dest="bisection_fraction", type=float, default=s.bisection_fraction,

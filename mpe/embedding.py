@@ -32,6 +32,7 @@ from ctr.model import DEFAULT_INIT_STD, build_ebc, field_rows, table_name
 from data.layout import field_offsets, global_ids
 from encoding.sizes import fp32_table_bytes
 from mpe.bitwidths import DEFAULT_CANDIDATES, packed_table_bytes, validate_candidates
+from mpe.multiplier import SizeMultiplier
 from mpe.quantizer import LSQQuantizer
 
 PHASES = ("search", "fixed")
@@ -79,7 +80,8 @@ class MixedPrecisionEmbedding(nn.Module):
         self.cardinalities = [int(c) for c in cardinalities]
         self.dim = dim
         self.candidates = validate_candidates(candidates)
-        self.mode, self.tau, self.lam = mode, tau, lam
+        self.mode, self.tau, self._lam = mode, tau, lam
+        self.multiplier: SizeMultiplier | None = None
         num_rows = sum(self.cardinalities)
         group_of_row = np.asarray(group_of_row, dtype=np.int64)
         if group_of_row.shape != (num_rows,):
@@ -105,6 +107,29 @@ class MixedPrecisionEmbedding(nn.Module):
         self.phase = "search"
 
     # -- state -------------------------------------------------------------------------
+    @property
+    def lam(self) -> float:
+        """The size-penalty coefficient: fixed, or the budget multiplier's current value."""
+        return self.multiplier.lam if self.multiplier is not None else self._lam
+
+    def set_budget(self, budget_bytes: int, rate: float) -> None:
+        """Adapt lambda during the search so the expected export meets ``budget_bytes``
+        (``mpe.multiplier``), starting from the current lambda."""
+        self.multiplier = SizeMultiplier(self.lam, budget_bytes, rate, self.kept_rows_per_group())
+
+    def clear_budget(self) -> float:
+        """Drop the multiplier (after the search; the state dict is then the plain one's)
+        and keep its last lambda as the fixed one; returns it."""
+        if self.multiplier is not None:
+            self._lam = self.multiplier.lam
+            self.multiplier = None
+        return self._lam
+
+    def kept_rows_per_group(self) -> np.ndarray:
+        """int [G]: rows of every group not pruned by construction."""
+        kept = np.bincount(self.group_of_row.cpu().numpy(), weights=~self.pruned_rows.cpu().numpy(), minlength=self.num_groups)
+        return kept.astype(np.int64)
+
     @property
     def num_groups(self) -> int:
         return int(self.logits.shape[0])
@@ -155,14 +180,13 @@ class MixedPrecisionEmbedding(nn.Module):
     def row_bits(self, bits_per_group: np.ndarray) -> np.ndarray:
         """int [N]: the bit-width every global row gets under ``bits_per_group`` [G] (bit
         values): its group's, or 0 for the rows pruned by construction."""
-        bits = np.asarray(bits_per_group, dtype=np.int64)[self.group_of_row.numpy()]
-        bits[self.pruned_rows.numpy()] = 0
+        bits = np.asarray(bits_per_group, dtype=np.int64)[self.group_of_row.cpu().numpy()]
+        bits[self.pruned_rows.cpu().numpy()] = 0
         return bits
 
     def pruned_groups(self) -> np.ndarray:
         """bool [G]: groups all of whose rows are pruned by construction (their bit-width is moot)."""
-        kept = np.bincount(self.group_of_row.numpy(), weights=~self.pruned_rows.numpy(), minlength=self.num_groups)
-        return kept == 0
+        return self.kept_rows_per_group() == 0
 
     # -- forward -----------------------------------------------------------------------
     def global_ids(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
@@ -201,6 +225,20 @@ class MixedPrecisionEmbedding(nn.Module):
         if self.phase != "search" or self.lam == 0:
             return None
         return self.lam * (self.penalty_weights * self.expected_bits()).sum()
+
+    def after_step(self) -> None:
+        """After an optimiser step of the search: one update of the budget multiplier."""
+        m = self.multiplier
+        if self.phase != "search" or m is None:
+            return
+        with torch.no_grad():
+            code_bytes = float(m.kept_rows @ self.expected_bits().to(torch.float64)) * self.dim / 8
+            if m.needs_refresh():
+                likely = np.asarray(self.candidates)[self.logits.argmax(dim=1).cpu().numpy()]
+                row_bits = self.row_bits(likely)
+                exact = packed_table_bytes(row_bits, self.dim, self.candidates)
+                m.set_other_bytes(exact - int(row_bits.sum()) * self.dim // 8)
+        m.update(code_bytes)
 
     def num_bytes(self) -> int:
         """Bytes of the bit-packed export (phase 'fixed') or of the fp32 tables (otherwise)."""

@@ -32,10 +32,10 @@ from data.artifacts import (
     read_json,
     sha256_file,
 )
-from data.batches import PreparedDataset, SplitArrays
+from data.batches import PreparedDataset, SplitArrays, num_batches
 from encoding.sizes import fp32_table_bytes
 from mpe.bitwidths import packed_table_bytes
-from mpe.config import MPEConfig
+from mpe.config import MPEConfig, auto_multiplier_rate
 from mpe.embedding import MixedPrecisionEmbedding
 from mpe.exporter import export_model
 from mpe.grouping import (
@@ -282,11 +282,31 @@ def check_ranks_agree(bits: np.ndarray, dist: DistEnv | None) -> list[str]:
 # -- the stages of ``run`` ------------------------------------------------------------------
 
 
+def uses_multiplier(cfg: MPEConfig) -> bool:
+    """Whether the search adapts lambda to ``--target-ratio``'s budget (``mpe.multiplier``)."""
+    return bool(cfg.search.target_ratio) and cfg.search.budget == "multiplier"
+
+
+def budget_bytes(data: PreparedDataset, cfg: MPEConfig) -> int | None:
+    """The export's byte budget of ``--target-ratio`` (fp32 table bytes / R), or None."""
+    target = cfg.search.target_ratio
+    return int(fp32_table_bytes(data.num_features, cfg.model.dim) / target) if target else None
+
+
+def attach_multiplier(model: CTRModel, data: PreparedDataset, cfg: MPEConfig) -> float:
+    """Make the search's lambda the budget multiplier; returns its rate (per step)."""
+    steps = num_batches(len(data.split("train")), cfg.train.batch_size) * cfg.train.epochs
+    rate = cfg.search.multiplier_rate or auto_multiplier_rate(steps)
+    model.embedding.set_budget(budget_bytes(data, cfg), rate)
+    return rate
+
+
 def stage_lambda(data: PreparedDataset, cfg: MPEConfig, stages: Stages, dist: DistEnv | None) -> tuple[float, list[dict]]:
-    """lambda: given, or found by bisection for ``--target-ratio`` (recorded)."""
+    """lambda: given, or found by bisection for ``--target-ratio`` (recorded); with the
+    multiplier, the search's starting lambda."""
     if "lambda" in stages:
         return float(stages["lambda"]), stages.get("lambda_trials", [])
-    if not cfg.search.target_ratio:
+    if not cfg.search.target_ratio or uses_multiplier(cfg):
         return cfg.lambda_value(), []
     _log(cfg, dist)(f"finding lambda for {cfg.search.target_ratio:g}x by bisection "
                     f"({cfg.search.bisection_steps} short searches)")
@@ -308,14 +328,30 @@ def stage_search(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, stages:
     return fit
 
 
+def stage_multiplier(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, stages: Stages,
+                     out: Path, resume: bool, dist: DistEnv | None) -> tuple[FitResult, dict | None]:
+    """The search; with the budget multiplier, also its record (rate, lambda at the end,
+    trace), after which the model is a plain MPE model at that final lambda."""
+    emb: MixedPrecisionEmbedding = model.embedding
+    if not uses_multiplier(cfg):
+        return stage_search(model, data, cfg, stages, out, resume, dist), None
+    rate = attach_multiplier(model, data, cfg)
+    fit = stage_search(model, data, cfg, stages, out, resume, dist)
+    record = {"method": "multiplier", "rate": rate, "budget_bytes": budget_bytes(data, cfg),
+              "lambda_start": cfg.lambda_value(), "trace": emb.multiplier.history()}
+    record["lambda_end"] = emb.clear_budget()
+    _log(cfg, dist)(f"budget multiplier: lambda {record['lambda_start']:.3g} -> {record['lambda_end']:.3g} "
+                    f"(rate {rate:.3g} per step)")
+    return fit, record
+
+
 def stage_select(model: CTRModel, data: PreparedDataset, cfg: MPEConfig, stages: Stages) -> tuple[np.ndarray, dict]:
     """One bit-width per group (moved to the byte budget of ``--target-ratio``), or the recorded one."""
     if "bits" in stages:
         return np.asarray(stages["bits"], dtype=np.int64), stages["selection"]
     emb: MixedPrecisionEmbedding = model.embedding
     target = cfg.search.target_ratio
-    budget = int(fp32_table_bytes(data.num_features, cfg.model.dim) / target) if target else None
-    bits, info = select(model, data, cfg, budget)
+    bits, info = select(model, data, cfg, budget_bytes(data, cfg))
     if target:
         bits, moves = adjust_to_ratio(
             bits, group_frequencies(data.frequency(), emb.group_of_row.numpy()), emb.candidates,
@@ -347,7 +383,9 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
     init_weight = emb.global_weight()
     log(f"MPE search on {data.dataset}: {data.num_features:,} features in {emb.num_groups} groups, "
         f"bits {list(emb.candidates)}, mode {cfg.search.mode}, lambda {lam:.3g}")
-    search_fit = stage_search(model, data, cfg, stages, out, resume, dist)
+    search_fit, budget_record = stage_multiplier(model, data, cfg, stages, out, resume, dist)
+    if budget_record is not None:
+        lam = budget_record["lambda_end"]
     probs = emb.probabilities().detach().numpy()
     bits, sel_info = stage_select(model, data, cfg, stages)
     rank_digests = check_ranks_agree(bits, dist)
@@ -363,7 +401,7 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
                           extra_meta={"run": str(out.resolve())})
     report = build_report(
         data, cfg, model, lam=lam, bits=bits, probs=probs, test=test, fp32=fp32, export=export,
-        search_fit=search_fit, retrain_fit=retrain_fit, selection=sel_info, trials=trials,
+        search_fit=search_fit, retrain_fit=retrain_fit, selection=sel_info, trials=trials, budget=budget_record,
         seconds=time.perf_counter() - t0, dist=dist, rank_digests=rank_digests,
     )
     atomic_write_json(out / REPORT_FILE, report)

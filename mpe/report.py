@@ -22,9 +22,14 @@ from mpe.grouping import group_frequencies, spearman
 def build_report(
     data: PreparedDataset, cfg: MPEConfig, model: CTRModel, *, lam: float, bits: np.ndarray, probs: np.ndarray,
     test: dict, fp32: dict | None, export: dict, search_fit: FitResult, retrain_fit: FitResult, selection: dict,
-    trials: list[dict], seconds: float, dist: DistEnv | None = None, rank_digests: list[str] | None = None,
+    trials: list[dict], seconds: float, budget: dict | None = None, dist: DistEnv | None = None,
+    rank_digests: list[str] | None = None,
 ) -> dict:
-    """``report.json`` of a finished run: metrics, bytes, bits, penalty weights, timings."""
+    """``report.json`` of a finished run: metrics, bytes, bits, penalty weights, timings.
+
+    ``lam``: the search's lambda (with the budget multiplier: its final value; ``budget``
+    is then the multiplier's record).
+    """
     emb: MixedPrecisionEmbedding = model.embedding
     fp32_bytes = fp32_table_bytes(data.num_features, cfg.model.dim)
     sel_info = selection
@@ -64,6 +69,7 @@ def build_report(
         "group_mean_frequency": gfreq.tolist(),
         "selection": sel_info,
         "lambda_trials": trials,
+        "budget_multiplier": budget,
         "timings": {
             "search_seconds": search_fit.seconds,
             "search_step_seconds": search_fit.step_seconds,

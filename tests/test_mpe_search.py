@@ -47,11 +47,11 @@ def test_search_on_real_criteo_sample(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_on_synthetic_with_target_ratio(tmp_path):
+def test_search_on_synthetic_with_target_ratio_by_bisection(tmp_path):
     out = tmp_path / "run"
     rc = search.main(["--dataset", "criteo", "--synthetic", "30000", "--out", str(out),
                       "--cache-dir", str(tmp_path / "cache"), "--target-ratio", "20", "--epochs", "3",
-                      "--selection", "budgeted", "--samples", "4", *SMALL])
+                      "--selection", "budgeted", "--samples", "4", "--budget", "bisection", *SMALL])
     assert rc == 0
     report = check_run(out)
     assert report["test"]["auc"] > 0.6

@@ -34,7 +34,7 @@ from mpe.config import MPEConfig, SearchConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "criteo", "--synthetic", "8000", "--hidden", "16", "--batch-size", "400", "--groups", "8",
-        "--epochs", "2", "--evals-per-epoch", "4", "--seed", "7"]
+        "--epochs", "2", "--evals-per-epoch", "4", "--seed", "7", "--target-ratio", "30"]  # budget multiplier
 
 
 # One intra-op thread: with two OpenMP threads on a busy 2-core machine a step here takes ~60x
@@ -95,6 +95,7 @@ def test_sigkilled_search_resumes_to_the_same_bits(tmp_path):
     got = json.loads((out / "report.json").read_text())
     assert got["bits_per_group"] == ref["bits_per_group"]
     assert got["probabilities"] == ref["probabilities"]
+    assert got["budget_multiplier"] == ref["budget_multiplier"]  # its state resumed from the checkpoint
     for key in ("search_val_auc", "retrain_val_auc", "packed_bytes"):
         assert got[key] == ref[key], key
     assert got["test"] == ref["test"]
