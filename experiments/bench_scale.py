@@ -113,6 +113,7 @@ from data import sources
 from data.artifacts import atomic_write_bytes, atomic_write_json
 from data.synthetic import CARD_CAP, CRITEO_CARDINALITY, GENERATOR_VERSION
 from experiments.results_csv import write_rows
+from mpe.config import BUDGET_METHODS, SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO_KAGGLE = {"name": "Criteo Kaggle", "rows": 45_840_617, "features": 6_780_382}
@@ -324,7 +325,7 @@ def stage_options(stage: str, rows: int, args: argparse.Namespace) -> dict[str, 
     opts.update(hidden=list(args.hidden), batch_size=args.batch_size, epochs=1, threads=args.threads,
                 processes=STAGE_PROCESSES[stage], embedding_optimizer="auto", embedding_lr=args.embedding_lr)
     if stage == "mpe":
-        opts.update(target_ratio=args.target_ratio, groups=args.groups, fp32_baseline=False)
+        opts.update(target_ratio=args.target_ratio, groups=args.groups, fp32_baseline=False, budget=args.budget)
     return json.loads(json.dumps(opts))
 
 
@@ -427,7 +428,7 @@ def training_command(stage: str, prepared: Path, run_dir: Path, args: argparse.N
         common += ["--embedding-lr", str(args.embedding_lr)]
     if stage == "mpe":
         return [*launcher, "-m", "mpe.search", *common, "--target-ratio", str(args.target_ratio),
-                "--groups", str(args.groups), "--no-fp32-baseline"]
+                "--groups", str(args.groups), "--budget", args.budget, "--no-fp32-baseline"]
     return [*launcher, "-m", "ctr.train_fp32", *common]
 
 
@@ -446,6 +447,8 @@ def _report_fields(stage: str, report: dict) -> dict[str, Any]:
                    steps=last.get("search", {}).get("step"), retrain_steps=last.get("retrain", {}).get("step"),
                    compression_ratio=report.get("compression_ratio"), export_test_auc=report.get("export_test_auc"),
                    lambda_trials=len(report.get("lambda_trials") or []),
+                   budget="multiplier" if report.get("budget_multiplier") else
+                   ("bisection" if report.get("lambda_trials") else "fixed lambda"),
                    train_seconds=(t.get("search_seconds") or 0) + (t.get("retrain_seconds") or 0))
         row.update({k: v for k, v in t.items() if k.endswith("seconds") and not k.endswith("step_seconds")})
         row["lambda"] = (report.get("config") or {}).get("lambda")
@@ -826,6 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-ratio", type=float, default=200.0,
                    help="--full-size: the mpe stage's --target-ratio (default 200)")
     p.add_argument("--groups", type=int, default=128)
+    p.add_argument("--budget", choices=BUDGET_METHODS, default=SearchConfig.budget,
+                   help=f"--full-size: how the mpe stage meets --target-ratio (default {SearchConfig.budget})")
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="output directory (default runs/bench_scale; --full-size: runs/bench_full)")
