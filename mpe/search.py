@@ -5,8 +5,9 @@ group's distribution over bit-widths under a size penalty, selects one bit-width
 group, retrains the embeddings from their pre-search values at those bit-widths, writes
 the bit-packed export and a report (``report.json``, ``bits_vs_frequency.png``), with the
 test AUC of the fp32 model of the same data, tower and seed beside it.
-With ``--target-ratio R`` lambda is found by bisection over short searches so the export
-is about R times smaller than the fp32 tables.
+With ``--target-ratio R`` the export is made about R times smaller than the fp32 tables:
+lambda is adapted during the one search as the Lagrange multiplier of that byte budget
+(``mpe.multiplier``), or found first by bisection over short searches (``--budget bisection``).
 
 Under ``torchrun --nproc_per_node=N -m mpe.search ...`` every stage trains sharded over the
 N processes; rank 0 alone writes the run.
