@@ -34,6 +34,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 SHARDING_TYPES = ("table_wise", "row_wise")
 EMBEDDING_OPTIMIZERS = ("auto", "lazy_adam", "adam", "adagrad", "sgd")
@@ -131,8 +136,6 @@ def table_parameters(model: nn.Module) -> list[nn.Parameter]:
 def optimize_tables_in_backward(model: nn.Module, name: str, lr: float, weight_decay: float) -> None:
     """Give the tables their own optimizer, stepped in the backward pass (torchrec's way:
     the sharder turns it into fbgemm's fused update). The trainer's optimizers skip them."""
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
     kwargs = {"lr": lr, "weight_decay": weight_decay}
     apply_optimizer_in_backward(_OPTIMIZER_CLASSES[name], table_parameters(model), kwargs)
 
@@ -149,15 +152,6 @@ def shard(model: nn.Module, env: DistEnv, sharding: str = "table_wise"):
     are then overwritten with ``model``'s own values, so the sharded model starts from
     exactly the single-process initialisation. Returns ``(dmp, plan_lines)``.
     """
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import (
-        EmbeddingShardingPlanner,
-        ParameterConstraints,
-        Topology,
-    )
-    from torchrec.distributed.types import ShardingEnv
-
     if sharding not in SHARDING_TYPES:
         raise ValueError(f"unknown sharding {sharding!r}; expected one of {SHARDING_TYPES}")
     if sharding == "row_wise" and env.backend == "gloo":
@@ -263,7 +257,5 @@ def mean_over_ranks(value: float, env: DistEnv | None) -> float:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a ``DistributedModelParallel`` (itself otherwise)."""
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-
     return model.module if isinstance(model, DistributedModelParallel) else model
 

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,7 @@ class TrainConfig:
     def from_attributes(cls, source: object, **overrides) -> TrainConfig:
         """The settings ``source`` (an argparse namespace, an ``MPEConfig``) has under the
         same names, then ``overrides``."""
-        from dataclasses import fields
-
-        values = {f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)}
+        values = {f.name: getattr(source, f.name) for f in dataclass_fields(cls) if hasattr(source, f.name)}
         return cls(**{**values, **overrides})
 
 
