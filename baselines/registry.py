@@ -94,6 +94,8 @@ METHODS: dict[str, str] = {
     "pep": "baselines.pep:METHOD",
     "cutoff": "baselines.cutoff:METHOD",
     "mpe": "baselines.mpe_method:METHOD",
+    "robe": "baselines.robe:METHOD",
+    "ttrec": "baselines.ttrec:METHOD",
 }
 
 
