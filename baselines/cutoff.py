@@ -166,7 +166,7 @@ def build(inputs: MethodInputs, setting: str) -> CutoffEmbedding:
 METHOD = Method(
     name="cutoff",
     kind="train",
-    settings=("x2", "x10", "x50"),
+    settings=("x2", "x10", "x50", "x200", "x500", "x1000"),
     description="frequency cut-off: ids below the smallest training min-count that meets xR share their field's OOV row",
     build=build,
 )

@@ -321,7 +321,7 @@ def _check_method(header: dict, method: str, export_dir: str | os.PathLike) -> N
 HASH_METHOD = Method(
     name="hash",
     kind="train",
-    settings=("x2", "x10", "x50"),
+    settings=("x2", "x10", "x50", "x200", "x500", "x1000"),
     description="hashing trick: large fields hashed (seeded splitmix64) into a per-field row cap that meets the xR budget",
     build=build_hash,
 )

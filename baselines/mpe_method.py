@@ -85,6 +85,6 @@ def run_setting(data: PreparedDataset, cfg: MPEConfig, out: Path) -> PipelineRes
 METHOD = Method(
     name="mpe",
     kind="pipeline",
-    settings=("x10", "x50", "x200"),
+    settings=("x10", "x50", "x200", "x500", "x1000"),
     description="mixed-precision embeddings (0-6 bits per frequency group, bit-packed export) at target ratios xR",
 )

@@ -209,7 +209,7 @@ def build(inputs: MethodInputs, setting: str) -> RobeEmbedding:
 METHOD = Method(
     name="robe",
     kind="train",
-    settings=("x10", "x50", "x200", "x1000"),
+    settings=("x10", "x50", "x200", "x500", "x1000"),
     description="ROBE-Z (Desai et al. 2022): rows read as Z-value blocks of one shared array at hashed offsets, "
     "Z = min(32, D), array sized to the xR budget",
     build=build,

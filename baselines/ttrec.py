@@ -350,7 +350,7 @@ def build(inputs: MethodInputs, setting: str) -> TTEmbedding:
 METHOD = Method(
     name="ttrec",
     kind="train",
-    settings=("r16", "x10", "x50", "x200", "x1000"),
+    settings=("r16", "x10", "x50", "x200", "x1000"),  # x500 would be rank 1 too (1151x)
     description="TT-Rec (Yin et al. 2021): 3 tensor-train cores per large table (pure torch; fbgemm's TT kernels "
     "are CUDA-only), rank 16 (r16) or the largest rank <= 64 within xR, small tables dense",
     build=build,

@@ -400,7 +400,7 @@ def plot(path: Path, points: Sequence[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")
     for p in points:
         if p["method"] == "fp32":
             ax.axhline(p["auc_mean"], color="grey", ls=":", lw=1, label="fp32 AUC")
@@ -410,11 +410,11 @@ def plot(path: Path, points: Sequence[dict], title: str) -> None:
         x = np.array([p["bytes"] for p in ps])
         y = np.array([p["auc_mean"] for p in ps])
         err = [y - np.array([p["auc_min"] for p in ps]), np.array([p["auc_max"] for p in ps]) - y]
-        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, color=cmap(i % 10), label=method)
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, color=cmap(i % 20), label=method)
         for p in ps:
             if p["setting"] != "-":
                 ax.annotate(p["setting"], (p["bytes"], p["auc_mean"]), textcoords="offset points",
-                            xytext=(3, 4), fontsize=7, color=cmap(i % 10))
+                            xytext=(3, 4), fontsize=7, color=cmap(i % 20))
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["bytes"])
     if front:
         fx = [p["bytes"] for p in front]

@@ -33,7 +33,7 @@ BATCH = 32
 # budget of 99 bytes, less than one .npy header, so these get a large last field (the batch's
 # ids stay within CARD, so the same KJT serves every method).
 LARGE_CARD = [50, 7, 300, 200_000]
-CONTRACT_CARD = {"robe": LARGE_CARD, "ttrec": LARGE_CARD}
+CONTRACT_CARD = {name: LARGE_CARD for name in ("robe", "ttrec", "hash", "cutoff")}  # settings up to x1000
 
 
 def tiny_inputs(seed: int = 0, cards: list[int] = CARD) -> MethodInputs:
@@ -159,7 +159,7 @@ def test_fp32_export_is_the_tables(tmp_path) -> None:
 def test_mpe_settings_are_target_ratios() -> None:
     from baselines.mpe_method import target_ratio
 
-    assert [target_ratio(s) for s in get_method("mpe").settings] == [10.0, 50.0, 200.0]
+    assert [target_ratio(s) for s in get_method("mpe").settings] == [10.0, 50.0, 200.0, 500.0, 1000.0]
     assert target_ratio("x12.5") == 12.5
     for bad in ("10", "x1", "x", "x-3", "lam3e-4"):
         with pytest.raises(ValueError, match="target compression ratio"):
