@@ -35,7 +35,10 @@ from genlora_rec.towers import build_tower
 
 DIM = 8
 CLASSES = {"hash": HashedEmbedding, "qr": QREmbedding, "pep": PEPEmbedding, "cutoff": CutoffEmbedding}
-CASES = [(name, s) for name in CLASSES for s in get_method(name).settings]
+# The default settings up to x50: this 6,000-row file's tables are too small for x200-x1000
+# budgets to be met closely (tests/test_baselines.py's contract test covers those).
+CASES = [(name, s) for name in CLASSES for s in get_method(name).settings
+         if not s.startswith("x") or parse_ratio(s) <= 50]
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +259,7 @@ def test_pep_rejects_bad_settings(setting, inputs) -> None:
 
 
 # -- cut-off -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("setting", get_method("cutoff").settings)
+@pytest.mark.parametrize("setting", [s for s in get_method("cutoff").settings if parse_ratio(s) <= 200])
 def test_cutoff_keeps_exactly_the_most_frequent_rows(setting, inputs, batch) -> None:
     kjt, _, ids = batch
     emb = build("cutoff", setting, inputs)
