@@ -27,7 +27,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=_TRAIN.batch_size, help=f"batch size (default {_TRAIN.batch_size})")
     g.add_argument("--lr", type=float, default=_TRAIN.lr, help=f"Adam learning rate (default {_TRAIN.lr:g})")
     g.add_argument("--weight-decay", type=float, default=None,
-                   help="L2 on embeddings and tower (default: 0; MPE: per dataset, 3e-6 Criteo, 0 Avazu)")
+                   help="L2 on embeddings and tower (default: 0; MPE: per dataset, 3e-6 Criteo, 0 Avazu, a schema "
+                        "file's [mpe] l2, else 0)")
     g.add_argument("--patience", type=int, default=_TRAIN.patience,
                    help=f"validations without AUC gain before stopping (default {_TRAIN.patience})")
     g.add_argument("--evals-per-epoch", type=int, default=_TRAIN.evals_per_epoch,

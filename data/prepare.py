@@ -1,4 +1,5 @@
-"""Streaming preprocessing of a raw Criteo / Avazu file into parquet splits, vocabularies and counts.
+"""Streaming preprocessing of raw files (Criteo, Avazu or a schema file's) into parquet splits,
+vocabularies and counts.
 
 Two passes over the input, both streamed block by block with pyarrow (``data.reader``). The
 input is one file, several files read as one stream in order (Criteo 1TB ``day_0`` ...
@@ -9,8 +10,11 @@ input is one file, several files read as one stream in order (Criteo 1TB ``day_0
    files only for pre-split input: values unseen in train map to OOV) (per-block
    dictionary encoding + ``np.bincount``, merged with Arrow ``group_by``), then build each
    field's vocabulary: categories seen fewer than ``min_count`` times share the field's OOV
-   id 0 (Criteo integer fields are bucketed and never OOV), kept categories get ids 1..K by
-   count descending, ties by value (byte order);
+   id 0 (Criteo integer fields and a schema's bucketed numeric columns are never OOV), kept
+   categories get ids 1..K by count descending, ties by value (byte order). The same pass
+   counts the time column of a ``--split time`` by a schema's ``time`` (its cut points) and
+   samples every ``quantile:N`` column (``data.buckets.QuantileSample``; its cut points are
+   the quantiles of the sampled training rows);
 2. encode every block (vectorised lookups of 64-bit string keys with ``np.searchsorted``),
    assign each row to train / val / test (``SplitAssigner``: random, time, by-file, or the
    file's own split) and append it to the split's parquet file.
@@ -55,6 +59,7 @@ from data.artifacts import (
     seal_json,
     sha256_file,
 )
+from data.buckets import QuantileSample, bucket_function
 from data.layout import field_offsets
 from data.manifest import (
     FREQUENCY_FILE,
@@ -69,25 +74,32 @@ from data.manifest import (
 from data.reader import (
     DEFAULT_BLOCK_SIZE,
     ON_BAD_ROWS,
+    CountBlock,
     MultiReader,
     RawBlock,
     RawFormatError,
     RawReader,
     expand_inputs,
+    open_reader,
 )
 from data.resources import check_disk
-from data.schema import AVAZU_TIME_FIELDS, CRITEO, SCHEMAS, DatasetSchema, get_schema
+from data.schema import DatasetSchema, dataset_argument, get_schema
 from data.transforms import (
+    DATETIME_FIELDS,
     PRESPLIT,
     SPLIT_METHODS,
     SPLIT_NAMES,
+    TRAIN,
     avazu_hour_bad,
-    avazu_hour_fields,
     by_file_split,
-    criteo_int_categories,
+    integer_values,
     random_split,
+    random_split_codes,
     string_keys,
     time_split,
+    time_split_sizes,
+    time_value_cuts,
+    time_value_split,
 )
 
 OOV_VALUE = "<OOV>"
@@ -115,24 +127,53 @@ class FieldPlan:
     min_count_applies: bool
 
 
-def field_plans(schema: DatasetSchema) -> list[FieldPlan]:
-    """The derivation of every field of ``schema.fields``, in order."""
+def _unknown_cuts(text: pa.Array) -> pa.Array:
+    raise RuntimeError("the quantile cut points are only known after the counting pass")
+
+
+def field_plans(schema: DatasetSchema, boundaries: Mapping[str, np.ndarray] | None = None) -> list[FieldPlan]:
+    """The derivation of every field of ``schema.fields``, in order.
+
+    ``boundaries``: the cut points of every ``quantile:N`` column (known after the counting
+    pass; without them those fields' ``categories`` cannot be called yet).
+    """
     plans: list[FieldPlan] = []
-    for name in schema.fields:
-        if schema.name == CRITEO.name and name in schema.integer_columns:
-            plans.append(FieldPlan(name, name, criteo_int_categories, False))
-        elif name in AVAZU_TIME_FIELDS:
-            plans.append(FieldPlan(name, "hour", lambda t, n=name: avazu_hour_fields(t)[n], True))
-        elif name in schema.categorical_columns:
-            plans.append(FieldPlan(name, name, None, True))
+    for feature in schema.features:
+        c = feature.column
+        if feature.kind == "categorical":
+            plans.append(FieldPlan(c, c, None, True))
+        elif feature.kind == "datetime":
+            parts = DATETIME_FIELDS[feature.time_format]
+            plans.extend(FieldPlan(n, c, lambda t, n=n, parts=parts: parts(t)[n], True) for n in feature.parts)
+        elif feature.bucket == "quantile" and (boundaries is None or c not in boundaries):
+            plans.append(FieldPlan(c, c, _unknown_cuts, False))
         else:
-            raise ValueError(f"{schema.name}: no rule derives field {name!r}")
+            fn = bucket_function(feature.bucket, feature.dtype == "int", (boundaries or {}).get(c))
+            plans.append(FieldPlan(c, c, fn, fn is None))  # "none": the value itself, min_count applies
+    if [p.name for p in plans] != list(schema.fields):
+        raise ValueError(f"{schema.name}: the fields {[p.name for p in plans]} differ from the schema's {schema.fields}")
     return plans
 
 
 def source_columns(plans: Sequence[FieldPlan]) -> list[str]:
     """The raw columns the fields are computed from, in first-use order."""
     return list(dict.fromkeys(p.source for p in plans))
+
+
+def _validators(schema: DatasetSchema, columns: Sequence[str]) -> dict[str, tuple[Callable, str]] | None:
+    """Extra value checks of the columns read: YYMMDDHH datetimes (Avazu's ``hour``)."""
+    checks = {f.column: _HOUR_CHECK for f in schema.features
+              if f.kind == "datetime" and f.time_format == "yymmddhh" and f.column in columns}
+    return checks or None
+
+
+def _time_column(schema: DatasetSchema, split: str) -> str | None:
+    """The column a ``time`` split cuts by (None: the input order)."""
+    return schema.time_column if split == "time" else None
+
+
+def _read_columns(schema: DatasetSchema, sources: Sequence[str], time_column: str | None) -> list[str]:
+    return list(dict.fromkeys([schema.label, *sources, *([time_column] if time_column else [])]))
 
 
 def make_reader(
@@ -143,20 +184,15 @@ def make_reader(
 ) -> RawReader | MultiReader:
     """The reader both passes use: label + source columns, label required, Avazu hour checked.
 
-    One path gives a ``RawReader``; a sequence of paths a ``MultiReader`` (one stream, in
-    order, every file's layout checked first).
+    One path gives a ``RawReader`` (``ParquetReader`` for a parquet schema); a sequence of
+    paths a ``MultiReader`` (one stream, in order, every file's layout checked first).
     """
-    sources = source_columns(field_plans(schema))
-    cls = RawReader if isinstance(path, str | os.PathLike) else MultiReader
-    return cls(
-        path,
-        schema,
-        on_bad_rows=on_bad_rows,
-        block_size=block_size,
-        columns=[schema.label, *sources],
-        require_label=True,
-        validators={"hour": _HOUR_CHECK} if "hour" in sources else None,
-    )
+    columns = [schema.label, *source_columns(field_plans(schema))]
+    kw = dict(on_bad_rows=on_bad_rows, block_size=block_size, columns=columns, require_label=True,
+              validators=_validators(schema, columns))
+    if isinstance(path, str | os.PathLike):
+        return open_reader(path, schema, **kw)
+    return MultiReader(path, schema, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +247,10 @@ def _column_ids(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return col.dictionary, col.indices.to_numpy(zero_copy_only=False)
 
 
-def count_pass(reader: RawReader | MultiReader, sources: Sequence[str], progress: bool = True) -> dict[str, pa.Table]:
-    """Pass 1: ``{column: table(value, count)}`` over every good row of the file."""
+def count_pass(reader: RawReader | MultiReader, sources: Sequence[str], progress: bool = True,
+               on_block: Callable[[CountBlock], None] | None = None) -> dict[str, pa.Table]:
+    """Pass 1: ``{column: table(value, count)}`` over every good row of the file; ``on_block``
+    also sees every block (the quantile samples)."""
     counters = {c: ValueCounter() for c in sources}
     bar = _progress(f"{reader.schema.name} 1/2 counting", reader.size, progress)
     with bar:
@@ -220,6 +258,8 @@ def count_pass(reader: RawReader | MultiReader, sources: Sequence[str], progress
             for c in sources:
                 values, counts = block.counts[c]
                 counters[c].add(values, counts)
+            if on_block is not None:
+                on_block(block)
             bar.update(reader.bytes_read - bar.n)
         bar.update(reader.size - bar.n)
     return {c: counters[c].result() for c in sources}
@@ -337,7 +377,12 @@ class Vocabulary:
             return self.lookup(dictionary, used)
         out, found = self.lookup.find(dictionary, unseen=True)
         if self.categories is not None and not found.all():
-            miss = np.flatnonzero(~found)
+            wanted = ~found
+            if used is not None:  # not the values of skipped rows, which need not parse
+                referred = np.zeros(len(dictionary), dtype=bool)
+                referred[used] = True
+                wanted &= referred
+            miss = np.flatnonzero(wanted)
             cats = self.categories(dictionary.take(pa.array(miss)))
             pos = pc.index_in(cats, value_set=self.values)
             out[miss] = pc.fill_null(pos, -1).to_numpy(zero_copy_only=False) + 1
@@ -407,9 +452,10 @@ class SplitAssigner:
     """The split (0 train, 1 val, 2 test) of every row of a block.
 
     ``random``: a hash of the row's index in the concatenated input and the seed (8:1:1);
-    ``time``: first 80% / next 10% / last 10% of the concatenation; ``by-file``: every file but
-    the last is train, the last one's first half val, its second half test; ``pre-split``: the
-    split of the row's file (``file_splits``).
+    ``time``: first 80% / next 10% / last 10% of the concatenation, or, with a time column,
+    of the rows in time order (``time_cuts``, see ``data.transforms.time_value_cuts``);
+    ``by-file``: every file but the last is train, the last one's first half val, its second
+    half test; ``pre-split``: the split of the row's file (``file_splits``).
     """
 
     def __init__(
@@ -419,14 +465,35 @@ class SplitAssigner:
         total_rows: int | None = None,
         file_rows: Sequence[int] | None = None,
         file_splits: Sequence[str] | None = None,
+        time_column: str | None = None,
+        time_cuts: tuple[int, int] | None = None,
     ):
         if method not in (*SPLIT_METHODS, PRESPLIT):
             raise ValueError(f"split must be one of {(*SPLIT_METHODS, PRESPLIT)}, got {method!r}")
+        if (time_column is None) != (time_cuts is None) or (time_column is not None and method != "time"):
+            raise ValueError("a time column and its cut points go together, with the time split")
         self.method = method
         self.seed = int(seed)
         self.total_rows = total_rows
         self.file_rows = list(file_rows or [])
         self.codes = [SPLIT_NAMES.index(r) for r in file_splits] if file_splits is not None else []
+        self.time_column = time_column
+        self.time_cuts = time_cuts
+
+    def train_mask(self, rows: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Which rows (global indices, with their times when the split cuts by a time column)
+        are training rows; for pre-split input every counted row is (the train files)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.method == PRESPLIT:
+            return np.ones(len(rows), dtype=bool)
+        if self.method == "random":
+            return random_split_codes(rows, self.seed) == TRAIN
+        if self.method == "time":
+            if self.time_cuts is not None:
+                return np.asarray(times, dtype=np.int64) < self.time_cuts[0]
+            assert self.total_rows is not None
+            return rows < time_split_sizes(self.total_rows)[0]
+        return rows < int(sum(self.file_rows[:-1]))
 
     def unseen(self, block: RawBlock) -> bool:
         """Whether the block's values may be missing from the vocabulary (a pre-split val / test file)."""
@@ -441,6 +508,10 @@ class SplitAssigner:
             raise RuntimeError("the input has more rows than in the counting pass; it changed while being prepared")
         if self.method == "random":
             return random_split(block.first_row, n, self.seed)
+        if self.method == "time" and self.time_cuts is not None:
+            col = block.batch.column(self.time_column)
+            times = integer_values(col.dictionary)[col.indices.to_numpy(zero_copy_only=False)]
+            return time_value_split(times, self.time_cuts)
         if self.method == "time":
             return time_split(block.first_row, n, self.total_rows)
         return by_file_split(block.first_row, n, self.file_rows)
@@ -723,7 +794,7 @@ def _check_replaceable(out: Path) -> None:
 # API
 # ---------------------------------------------------------------------------------------------
 def prepare(
-    dataset: str,
+    dataset: str | DatasetSchema,
     input_path: InputSpec,
     out_dir: str | os.PathLike,
     min_count: int = 2,
@@ -733,10 +804,10 @@ def prepare(
     progress: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> dict[str, Any]:
-    """Preprocess raw Criteo / Avazu files into ``out_dir``; returns the manifest dict.
+    """Preprocess raw files of a dataset into ``out_dir``; returns the manifest dict.
 
     Args:
-        dataset: ``"criteo"`` or ``"avazu"``.
+        dataset: ``"criteo"``, ``"avazu"``, the path of a schema file or a ``DatasetSchema``.
         input_path: the raw labeled file (plain or gzip/bz2/zstd-compressed); or several files
             or globs, read as one stream in the given order (every glob sorted naturally, all
             files of one layout); or pre-split files, ``{"train": F, "val": F, "test": F}``
@@ -746,7 +817,8 @@ def prepare(
             row of the input before the split, or over the train files only for pre-split input
             (the BARS convention; values unseen in train map to 0 too).
         split: ``"random"`` (8:1:1 by a hash of row index and seed, the default), ``"time"``
-            (first 80% / 10% / 10% in input order) or ``"by-file"`` (every file but the last is
+            (first 80% / 10% / 10% in input order, or in the order of the schema's ``time``
+            column) or ``"by-file"`` (every file but the last is
             train, the last one's first half val, its second half test); for pre-split input
             None (or ``PRESPLIT``). Row indices run over the concatenation of the files.
         seed: seed of the random split.
@@ -770,6 +842,8 @@ def prepare(
         if path.is_dir():
             raise IsADirectoryError(f"{path}: is a directory, expected a raw {schema.name} file")
     params = {"min_count": int(min_count), "split": split, "seed": int(seed), "on_bad_rows": on_bad_rows}
+    if not schema.builtin:  # a changed schema file must not reuse an old output
+        params["schema_sha256"] = schema.digest
     identity = _input_identity(inputs)
     reused = _reusable(out, schema.name, identity, params)
     if reused is not None:
@@ -783,13 +857,25 @@ def prepare(
     t0 = time.perf_counter()
     plans = field_plans(schema)
     sources = source_columns(plans)
+    time_column = _time_column(schema, split)
+    columns = _read_columns(schema, sources, time_column)
+    quantiles = schema.quantile_columns
     # every file's layout is checked here, before any of them is read
     reader = MultiReader(
         list(inputs.files), schema, require_label=True, on_bad_rows=on_bad_rows, block_size=block_size,
-        columns=[schema.label, *sources], validators={"hour": _HOUR_CHECK} if "hour" in sources else None,
+        columns=columns, validators=_validators(schema, columns),
+        row_columns=[*quantiles, *([time_column] if time_column and quantiles else [])],
     )
     counted = reader.subset(inputs.indices("train")) if inputs.presplit else reader
-    counts = count_pass(counted, sources, progress)
+    samples = {c: QuantileSample(c, int(seed)) for c in quantiles}
+
+    def sample(block: CountBlock) -> None:
+        times = integer_values(block.rows[time_column]) if time_column and samples else None
+        for c, s in samples.items():
+            s.add(block.first_row, block.rows[c], times)
+
+    counts = count_pass(counted, list(dict.fromkeys([*sources, *([time_column] if time_column else [])])), progress,
+                        on_block=sample if samples else None)
     total = counted.rows
     counted_rows = list(counted.file_rows)
     counted_bad = [dict(r.bad_rows) for r in counted.readers]
@@ -802,11 +888,18 @@ def prepare(
             counted.paths[0],
             f"no data rows: {where} {what}" + (f" (skipped: {bad_rows})" if bad_rows else ""),
         )
+    cuts = None
+    if time_column is not None:
+        t = counts[time_column]
+        cuts = time_value_cuts(integer_values(t["value"].combine_chunks()), t["count"].to_numpy(), total)
+    assign = SplitAssigner(split, int(seed), total, counted_rows, inputs.splits,
+                           time_column=time_column, time_cuts=cuts)
+    boundaries = {c: samples[c].boundaries(schema.feature(c).quantiles, assign.train_mask) for c in quantiles}
+    plans = field_plans(schema, boundaries)
     vocabs = [build_vocabulary(p, counts[p.source], int(min_count), unseen=inputs.presplit) for p in plans]
     del counts
     cards = np.array([v.cardinality for v in vocabs], dtype=np.int64)
     offsets = field_offsets(cards)
-    assign = SplitAssigner(split, int(seed), total, counted_rows, inputs.splits)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -841,6 +934,13 @@ def prepare(
             "files": {name: sha256_file(tmp / name) for name in OUTPUT_FILES},
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if not schema.builtin:  # the schema itself, and what its bucketing and time split learnt
+            manifest["schema"] = schema.to_dict()
+            manifest["schema_sha256"] = schema.digest
+            if boundaries:
+                manifest["quantile_cuts"] = {c: [float(b) for b in v] for c, v in boundaries.items()}
+            if cuts is not None:
+                manifest["time_split"] = {"column": time_column, "cuts": list(cuts)}
         manifest = seal_json(manifest, MANIFEST_DIGEST)
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
         replace_dir(tmp, out)
@@ -860,7 +960,8 @@ MIN_COUNT_HELP = (
     "(with pre-split files, a bucket unseen in train is OOV)"
 )
 SPLIT_HELP = (
-    "random: 8:1:1 by a hash of (row index, seed); time: first 80%% / next 10%% / last 10%% in input order; "
+    "random: 8:1:1 by a hash of (row index, seed); time: first 80%% / next 10%% / last 10%% in input order (in "
+    "the order of its time column for a schema file with a time key); "
     "by-file: every input file but the last is train, the last one's first half val, its second half test "
     "(Criteo 1TB: days 0-22 train, day 23 val + test; needs 2+ files). Row indices run over the files in "
     "order. Not with --train/--val/--test, whose rows keep their file's split (default random)"
@@ -894,7 +995,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data.prepare",
         description=(
             "Preprocess raw Criteo (train.txt / day_N, TSV, 40 columns; or a CSV with the header "
-            "Label,I1,...,C26 as BARS Criteo_x4) or Avazu (train, CSV with header) files into parquet splits + "
+            "Label,I1,...,C26 as BARS Criteo_x4) or Avazu (train, CSV with header) files, or the CSV / TSV / "
+            "parquet files a schema file describes (--dataset my.toml), into parquet splits + "
             "vocabularies + train-split feature counts. The input is streamed in two passes (count, then "
             "encode); gzip / bz2 / zstd input is detected from its magic bytes. " + INPUT_HELP + ". Pre-split train / val / test files "
             "go to --train/--val/--test."
@@ -907,7 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit status 2 on malformed input or a missing file."
         ),
     )
-    p.add_argument("--dataset", required=True, choices=list(SCHEMAS), help="raw file format")
+    p.add_argument("--dataset", required=True, type=dataset_argument, metavar="criteo|avazu|SCHEMA",
+                   help="raw file format: criteo, avazu, or the path of a schema file (.toml or .json; README, "
+                   "'Your own data')")
     p.add_argument("--input", nargs="+", metavar="FILE", default=None,
                    help="the raw labeled file(s) (plain or compressed); several files or globs in order")
     add_presplit_arguments(p)

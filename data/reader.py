@@ -1,11 +1,12 @@
-"""Streaming reader for raw Criteo / Avazu files, with validation that names file, line and column.
+"""Streaming reader for raw files of a schema (Criteo, Avazu or a schema file's), with validation
+that names file, line and column.
 
 ``RawReader`` parses a raw file block by block with pyarrow's streaming CSV reader
 (``pyarrow.csv.open_csv``), reading every column as bytes, and yields each block as a
 ``RawBlock`` whose columns are dictionary-encoded (int32 indices into a small per-block
 dictionary of distinct values). Validation runs on those per-block dictionaries, so its cost
 grows with the number of distinct values, not with rows: UTF-8, integer columns, the label
-(0 or 1) and optional extra per-column checks. A row is located (file line, 1-based, counting
+(0 or 1), decimal columns and optional extra per-column checks. A row is located (file line, 1-based, counting
 the Avazu header) only when a check fails.
 
 Malformed input raises ``RawFormatError`` (``on_bad_rows="error"``) or is skipped and counted
@@ -16,7 +17,10 @@ on the fly, whatever their name.
 Besides the original layouts (Criteo TSV without header, Avazu CSV with header), a header row
 naming the schema's columns in any order (case-insensitive, ``id`` optional for Avazu) is
 accepted, and so is a comma-separated Criteo copy with the header ``Label,I1,...,C26`` (BARS /
-FuxiCTR Criteo_x4; integers may be written as pandas floats, ``5.0``).
+FuxiCTR Criteo_x4; integers may be written as pandas floats, ``5.0``). For a schema read from a
+file, a header that does not match names the columns it lacks, and the first rows are checked
+against the schema's column types before anything is read (``_check_sample``). Parquet files
+(``ParquetReader``) are read by column name and checked the same way, row by row.
 
 ``MultiReader`` reads several files of one layout (Criteo 1TB ``day_0`` ... ``day_23``) as one
 stream, in order; ``expand_inputs`` turns paths and globs into that order (natural sort) and
@@ -43,7 +47,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
+from data.buckets import NUMBER_RE, parse_numbers
 from data.schema import AVAZU, CRITEO, DatasetSchema
 
 DEFAULT_BLOCK_SIZE = 8 << 20
@@ -55,6 +61,8 @@ _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
 _INT_RE = r"^-?[0-9]{1,18}$"
 _FLOAT_INT_RE = r"^-?[0-9]{1,18}(\.0+)?$"  # "5.0": an integer as pandas writes it in a float column
 _SNIFF_BYTES = 1 << 20
+_SAMPLE_LINES = 200  # data lines a schema file's column types are checked on before any reading
+_PARQUET_MAGIC = b"PAR1"
 
 # A validator gets a block's distinct values of one column (a utf8 array) and returns a bool
 # numpy mask of the bad ones, plus the phrase that completes "expected ..." in the message.
@@ -193,6 +201,7 @@ class Layout:
         header_lines: lines before the first row (1 for a header, else 0).
         float_integers: integer columns may be written as pandas floats ("5.0"), as in the
             CSV copies of Criteo with a header (BARS / FuxiCTR Criteo_x4).
+        kind: ``text`` (CSV / TSV) or ``parquet`` (columns read by name; "lines" are rows).
     """
 
     labeled: bool
@@ -201,16 +210,20 @@ class Layout:
     delimiter: str
     header_lines: int
     float_integers: bool = False
+    kind: str = "text"
 
     def same_as(self, other: Layout) -> bool:
         """Whether two files can be read as one stream (compression may differ)."""
-        return (self.labeled, self.columns, self.delimiter, self.header_lines, self.float_integers) == (
-            other.labeled, other.columns, other.delimiter, other.header_lines, other.float_integers
+        return (self.labeled, self.columns, self.delimiter, self.header_lines, self.float_integers, self.kind) == (
+            other.labeled, other.columns, other.delimiter, other.header_lines, other.float_integers, other.kind
         )
 
     def describe(self, schema: DatasetSchema) -> str:
         """E.g. "a labeled criteo file (40 tab-separated columns, no header)"."""
-        kind = "tab-separated" if self.delimiter == "\t" else "comma-separated"
+        if self.kind == "parquet":
+            what = f"a labeled {schema.name} parquet file" if self.labeled else f"an unlabeled {schema.name} parquet file"
+            return f"{what} ({len(self.columns)} of its columns)"
+        kind = {"\t": "tab-separated", ",": "comma-separated"}.get(self.delimiter, f"{self.delimiter!r}-separated")
         head = "with a header line" if self.header_lines else "no header"
         what = f"a labeled {schema.name} file" if self.labeled else f"an unlabeled {schema.name} test file"
         return f"{what} ({len(self.columns)} {kind} columns, {head})"
@@ -258,13 +271,18 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
     """Check the start of ``path`` against ``schema``; return whether it is a train or test file.
 
     Raises ``RawFormatError`` for an empty file, a header that does not match (saying which
-    dataset the file looks like) or a first line with the wrong number of columns.
+    dataset the file looks like, or which columns a schema file's header lacks) or a first line
+    with the wrong number of columns. For a schema read from a file, the first rows are also
+    checked against its column types (``_check_sample``); a parquet schema goes to
+    ``sniff_parquet``.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory, expected a raw {schema.name} file")
+    if schema.file_type == "parquet":
+        return sniff_parquet(path, schema)
     compression = detect_compression(path)
     raw, stream = open_raw(path)
     try:
@@ -276,15 +294,49 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
         raw.close()
     if not head.strip():
         raise RawFormatError(path, "file is empty" if not head else "file holds only blank lines")
+    if head.startswith(_PARQUET_MAGIC):
+        raise RawFormatError(path, f"this is a parquet file, but {schema.name} is {schema.describe_format()}",
+                             reason="wrong_format")
     lines = head.split(b"\n")
+    layout = _sniff_text(path, schema, compression, lines)
+    if not schema.builtin:
+        _check_sample(path, schema, layout, lines if len(head) < _SNIFF_BYTES else lines[:-1])
+    return layout
+
+
+def _header_mismatch(path: Path, names: Sequence[str], schema: DatasetSchema) -> RawFormatError:
+    """A schema file's header that does not match: which columns are missing or unknown."""
+    given = {n.lower() for n in names}
+    known = {c.lower() for c in schema.columns}
+    missing = [c for c in schema.columns if c.lower() not in given and c not in schema.drop]
+    unknown = [n for n in names if n.lower() not in known]
+    dup = sorted({n for n in names if [m.lower() for m in names].count(n.lower()) > 1})
+    if missing:
+        text = f"the header has no column {', '.join(repr(c) for c in missing[:5])}, which the schema {schema.name} names"
+        column = missing[0]
+    elif unknown:
+        text = (f"the header names {', '.join(repr(c) for c in unknown[:5])}, which the schema {schema.name} does "
+                "not: add it to the schema (a feature, or under drop)")
+        column = unknown[0]
+    elif dup:
+        text, column = f"the header names {dup[0]!r} twice", dup[0]
+    else:
+        text, column = f"the header does not match the schema {schema.name}", None
+    return RawFormatError(path, text, line=1, column=column, reason="bad_header")
+
+
+def _sniff_text(path: Path, schema: DatasetSchema, compression: str | None, lines: list[bytes]) -> Layout:
     if schema.has_header:
         first_b = lines[0].rstrip(b"\r")
         if first_b.startswith(b"\xef\xbb\xbf"):
             first_b = first_b[3:]
         first = first_b.decode("utf-8", errors="replace")
-        found = _match_header(_header_names(first, schema.delimiter), schema)
+        names = _header_names(first, schema.delimiter)
+        found = _match_header(names, schema)
         if found is not None:
             return Layout(found[0], found[1], compression, schema.delimiter, 1)
+        if not schema.builtin:
+            raise _header_mismatch(path, names, schema)
         other = _looks_like(first)
         if other and "Avazu" not in other:
             raise RawFormatError(
@@ -301,12 +353,18 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
             reason="bad_header",
         )
     first_line = lines[0].rstrip(b"\r").removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace")
+    if not schema.builtin:
+        # a header line in a file the schema says has none: fine when it names the columns
+        found = _match_header(_header_names(first_line, schema.delimiter), schema)
+        if found is not None:
+            return Layout(found[0], found[1], compression, schema.delimiter, 1)
     if "," in first_line and "\t" not in first_line:
-        # a CSV copy with a header (BARS / FuxiCTR Criteo_x4: 'Label,I1,...,I13,C1,...,C26')
+        # a CSV copy with a header (BARS / FuxiCTR Criteo_x4: 'Label,I1,...,I13,C1,...,C26'), whose
+        # integers may be written as pandas floats
         found = _match_header(_header_names(first_line, ","), schema)
         if found is not None:
-            return Layout(found[0], found[1], compression, ",", 1, float_integers=schema.name == CRITEO.name)
-    if schema.name == CRITEO.name and _kaggle_csv_header(first_line):
+            return Layout(found[0], found[1], compression, ",", 1, float_integers=True)
+    if schema.builtin and schema.name == CRITEO.name and _kaggle_csv_header(first_line):
         raise RawFormatError(
             path,
             "this is the Kaggle CSV copy of Criteo (comma-separated, header 'Id,Label,I1,...,C26'), not "
@@ -327,7 +385,7 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
             return Layout(True, schema.columns, compression, schema.delimiter, 0)
         if n == len(schema.test_columns):
             return Layout(False, schema.test_columns, compression, schema.delimiter, 0)
-        other = _looks_like(line)
+        other = _looks_like(line) if schema.builtin else None
         if other and schema.name.capitalize() not in other:
             raise RawFormatError(
                 path, f"this looks like {other}, not {schema.name}: use --dataset avazu", line=number,
@@ -336,6 +394,95 @@ def sniff_layout(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
         # Let the row-level checks report (or skip) it with the right column.
         return Layout(True, schema.columns, compression, schema.delimiter, 0)
     return Layout(True, schema.columns, compression, schema.delimiter, 0)
+
+
+def _value_ok(schema: DatasetSchema, column: str, value: str, float_integers: bool) -> bool:
+    """Whether one value fits the type the schema gives its column (the row-level rule)."""
+    if column == schema.label:
+        return value in ("0", "1")
+    if value == "" and column in schema.nullable_columns:
+        return True
+    if column in schema.integer_columns:
+        return re.match(_FLOAT_INT_RE if float_integers else _INT_RE, value) is not None
+    if column in schema.float_columns:
+        return re.match(NUMBER_RE, value) is not None
+    return True
+
+
+def _check_sample(path: Path, schema: DatasetSchema, layout: Layout, lines: list[bytes]) -> None:
+    """A schema file that misreads the file's columns is an error before any reading: the label
+    holding no 0/1, or a numeric / datetime column holding no number, in the first rows.
+
+    A column that does hold valid values there is left to the row-level checks (so
+    ``--on-bad-rows skip`` still skips the odd bad row).
+    """
+    rows: list[tuple[int, list[str]]] = []
+    for number, line_b in enumerate(lines[layout.header_lines:], start=layout.header_lines + 1):
+        line_b = line_b.rstrip(b"\r")
+        parts = line_b.decode("utf-8", errors="replace").split(layout.delimiter)
+        if line_b and len(parts) == len(layout.columns):
+            rows.append((number, parts))
+        if len(rows) >= _SAMPLE_LINES:
+            break
+    typed = [c for c in layout.columns if c == schema.label or c in schema.integer_columns or c in schema.float_columns]
+    for column in typed:
+        j = layout.columns.index(column)
+        seen = [(number, parts[j]) for number, parts in rows if parts[j] != ""]
+        if not seen or any(_value_ok(schema, column, v, layout.float_integers) for _, v in seen):
+            continue
+        number, value = seen[0]
+        if column == schema.label:
+            text = f"the label must be 0 or 1, found {_describe(value.encode())} (and no 0 or 1 in the first {len(rows)} rows)"
+        else:
+            feature = schema.feature(column)
+            if feature is not None and feature.kind == "numeric":
+                what = f"a number ({feature.dtype}, bucket {feature.bucketing})"
+            elif feature is not None:
+                what = f"a {feature.time_format} datetime (an integer)"
+            else:
+                what = "an integer time (the schema's time column)"
+            text = (f"the schema {schema.name} reads this column as {what}, but it holds text: "
+                    f"{_describe(value.encode())} (no valid value in the first {len(rows)} rows); make it a "
+                    "categorical feature or fix the schema")
+        raise RawFormatError(path, text, line=number, column=column, reason="schema_mismatch")
+
+
+def sniff_parquet(path: str | os.PathLike, schema: DatasetSchema) -> Layout:
+    """The ``Layout`` of a parquet file: its columns must include the schema's (read by name;
+    other columns are ignored) and their types must fit the schema (a number for a numeric
+    column or the label, not a string)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != _PARQUET_MAGIC:
+            raise RawFormatError(path, f"not a parquet file, but the schema {schema.name} says parquet",
+                                 reason="wrong_format")
+        arrow_schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise RawFormatError(path, f"cannot read the parquet file ({e})") from None
+    present = {n: arrow_schema.field(n).type for n in arrow_schema.names}
+    missing = [c for c in schema.columns if c not in present and c not in schema.drop and c != schema.label]
+    if missing:
+        raise RawFormatError(path, f"the file has no column {', '.join(repr(c) for c in missing[:5])}, which the "
+                             f"schema {schema.name} names", column=missing[0], reason="missing_column")
+    for column in schema.columns:
+        if column not in present:
+            continue
+        t = present[column]
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        textual = pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+        numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+        if column == schema.label and not numeric:
+            raise RawFormatError(path, f"the label must be 0 or 1, but the column's type is {t}", column=column,
+                                 reason="schema_mismatch")
+        if (column in schema.integer_columns or column in schema.float_columns) and textual:
+            raise RawFormatError(path, f"the schema {schema.name} reads this column as a number, but its type is "
+                                 f"{t}; make it a categorical feature or fix the schema", column=column,
+                                 reason="schema_mismatch")
+    columns = tuple(c for c in schema.columns if c in present and c not in schema.drop)
+    return Layout(schema.label in present, columns, None, "", 0, kind="parquet")
 
 
 @dataclass
@@ -369,6 +516,7 @@ class CountBlock:
     first_row: int
     num_rows: int
     file_index: int = 0
+    rows: dict[str, pa.Array] = field(default_factory=dict)  # the ``row_columns``' values, row by row
 
 
 def _maybe_blank(values: Sequence[pa.Array]) -> bool:
@@ -482,10 +630,12 @@ class RawReader:
             bool mask of bad values, ``expected`` completes the message "expected ...".
         prefetch: parse the next block in a background thread while the caller works.
         layout: the file's ``Layout`` when already sniffed (``sniff_inputs``).
+        row_columns: columns whose values ``iter_counts`` also hands over row by row
+            (``CountBlock.rows``: quantile samples, a time column).
 
     After iteration, ``rows`` is the number of good rows and ``bad_rows`` the skipped rows by
-    reason (``column_count``, ``not_utf8``, ``bad_label``, ``bad_integer``, ``bad_value``,
-    ``empty_line``).
+    reason (``column_count``, ``not_utf8``, ``bad_label``, ``bad_integer``, ``bad_number``,
+    ``bad_value``, ``empty_line``).
     """
 
     def __init__(
@@ -500,6 +650,7 @@ class RawReader:
         validators: dict[str, tuple[Validator, str]] | None = None,
         prefetch: bool = True,
         layout: Layout | None = None,
+        row_columns: Sequence[str] = (),
     ):
         if on_bad_rows not in ON_BAD_ROWS:
             raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
@@ -523,6 +674,10 @@ class RawReader:
         if missing:
             raise ValueError(f"columns {missing} are not in the {schema.name} file layout")
         self.columns: tuple[str, ...] = tuple(wanted)
+        extra = [c for c in row_columns if c not in self.columns]
+        if extra:
+            raise ValueError(f"row_columns {extra} are not among the columns read")
+        self.row_columns = tuple(row_columns)
         self.validators = dict(validators or {})
         self.prefetch = prefetch
         self.size = self.path.stat().st_size
@@ -731,11 +886,16 @@ class RawReader:
                 problems.append((bad, "bad_label", "0 or 1"))
         elif name in schema.integer_columns:
             ok = pc.match_substring_regex(text, _FLOAT_INT_RE if self.layout.float_integers else _INT_RE)
-            if schema.name == CRITEO.name:  # Criteo integers may be missing (empty)
+            if name in schema.nullable_columns:  # numeric columns (Criteo's integers) may be missing (empty)
                 ok = pc.or_(ok, pc.equal(text, ""))
             bad = ~ok.to_numpy(zero_copy_only=False)
             if bad.any():
                 problems.append((bad, "bad_integer", "an integer"))
+        elif name in schema.float_columns:
+            values, missing = parse_numbers(text)  # "1e400" overflows: not a number either
+            bad = ~(pc.equal(text, "").to_numpy(zero_copy_only=False) | (~missing & np.isfinite(values)))
+            if bad.any():
+                problems.append((bad, "bad_number", "a number"))
         if name in self.validators:
             fn, expected = self.validators[name]
             bad = np.asarray(fn(text), dtype=bool)
@@ -768,6 +928,7 @@ class RawReader:
                     },
                     self.rows,
                     n,
+                    rows={c: batch.column(c) for c in self.row_columns},
                 )
                 self.rows += n
                 return block
@@ -821,7 +982,7 @@ class RawReader:
             for name, col in zip(names, batch.columns, strict=True):
                 c = np.bincount(col.indices.to_numpy(zero_copy_only=False), minlength=len(col.dictionary))
                 counts[name] = (col.dictionary, c.astype(np.int64))
-            return CountBlock(counts, first, batch.num_rows)
+            return CountBlock(counts, first, batch.num_rows, rows={c: batch.column(c) for c in self.row_columns})
         return RawBlock(batch, first)
 
     @staticmethod
@@ -840,6 +1001,77 @@ class RawReader:
             if not mask.any():
                 return None
         return mask
+
+
+class ParquetReader(RawReader):
+    """A parquet file read like a raw text file: every column as text, the same checks.
+
+    Columns are read by name in batches of about ``block_size`` bytes and turned into text:
+    integers and decimals as pyarrow writes them ("5", "0.25"), booleans as 0 / 1, timestamps
+    as Unix seconds, nulls and NaN as the empty (missing) value. Error "lines" are row numbers
+    (1-based).
+    """
+
+    _total_rows = 0
+
+    @property
+    def bytes_read(self) -> int:
+        total = self._total_rows
+        if not total:
+            return self.size if self._parsed else 0
+        return min(self.size, int(self.size * self._parsed / total))
+
+    def _iterate(self, mode: str) -> Iterator[RawBlock | CountBlock]:
+        self.rows = 0
+        self.bad_rows = {}
+        self._parsed = 0
+        self._invalid = _Invalid()
+        try:
+            pf = pq.ParquetFile(str(self.path))
+        except (OSError, pa.ArrowException) as e:
+            raise RawFormatError(self.path, f"cannot read the parquet file ({e})") from None
+        self._total_rows = pf.metadata.num_rows
+        width = max(1, len(self.columns))
+        batch_rows = max(1024, self.block_size // (16 * width))
+        try:
+            batches = pf.iter_batches(batch_size=batch_rows, columns=list(self.columns), use_threads=False)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except (OSError, pa.ArrowException) as e:
+                    raise RawFormatError(self.path, f"cannot read the parquet file ({e})") from None
+                block = self._validate(_as_text(batch, self.columns), mode)
+                if block is not None and block.num_rows:
+                    yield block
+        finally:
+            pf.close()
+
+
+def _as_text(batch: pa.RecordBatch, columns: Sequence[str]) -> pa.RecordBatch:
+    """Every column of a parquet batch as non-null text bytes (null / NaN -> ""), as the CSV reader reads."""
+    out = []
+    for name in columns:
+        col = batch.column(name)
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        t = col.type
+        if pa.types.is_boolean(t):
+            col = pc.cast(col, pa.int8())
+        elif pa.types.is_timestamp(t):
+            col = pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())
+        elif pa.types.is_floating(t):
+            col = pc.if_else(pc.is_nan(col), pa.scalar(None, t), col)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            col = pc.cast(col, pa.string())
+        out.append(pc.fill_null(col, "").cast(pa.binary()))  # as the CSV reader hands them over
+    return pa.RecordBatch.from_arrays(out, names=list(columns))
+
+
+def open_reader(path: str | os.PathLike, schema: DatasetSchema, **kw) -> RawReader:
+    """The reader of one file of ``schema``'s format (``ParquetReader`` for parquet)."""
+    return (ParquetReader if schema.file_type == "parquet" else RawReader)(path, schema, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,9 +1143,12 @@ def sniff_inputs(paths: Sequence[str | os.PathLike], schema: DatasetSchema) -> l
         if first is None:
             first = p
         elif not layout.same_as(layouts[0]):
+            this, that = layout.describe(schema), layouts[0].describe(schema)
+            if this == that and layout.columns != layouts[0].columns:
+                this += " with its columns in another order"
             raise RawFormatError(
-                p, f"this is {layout.describe(schema)}, but {first.name}, the first input file, is "
-                f"{layouts[0].describe(schema)}: all input files must have the same layout",
+                p, f"this is {this}, but {first.name}, the first input file, is "
+                f"{that}: all input files must have the same layout",
                 line=1, reason="mixed_layout",
             )
         layouts.append(layout)
@@ -948,7 +1183,7 @@ class MultiReader:
         self.layouts = list(layouts) if layouts is not None else sniff_inputs(self.paths, schema)
         self._kw = dict(reader_kw, require_label=require_label)
         self.readers = [
-            RawReader(p, schema, require_label=require_label, layout=lay, **reader_kw)
+            open_reader(p, schema, require_label=require_label, layout=lay, **reader_kw)
             for p, lay in zip(self.paths, self.layouts, strict=True)
         ]
         self.columns = self.readers[0].columns

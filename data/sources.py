@@ -29,8 +29,9 @@ from data.prepare import (
     resolve_split,
 )
 from data.reader import ON_BAD_ROWS
-from data.schema import SCHEMAS, get_schema
+from data.schema import SCHEMAS, DatasetSchema, get_schema, register_schema, schema_from_dict
 from data.synthetic import GENERATOR_VERSION, generate
+from data.synthetic_schema import SCHEMA_GENERATOR_VERSION, SUFFIX
 from data.transforms import SPLIT_METHODS
 
 DEFAULT_CACHE = Path("runs") / "cache"
@@ -56,7 +57,9 @@ class _StoreInputs(argparse.Action):
 def add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int | None = None) -> None:
     """The data options every CLI shares."""
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help=f"dataset format: {' or '.join(SCHEMAS)}")
+    g.add_argument("--dataset", required=True, metavar="criteo|avazu|SCHEMA",
+                   help=f"dataset format: {' or '.join(SCHEMAS)}, or the path of a schema file describing your own "
+                   "data (.toml or .json; README, 'Your own data')")
     g.add_argument(
         "--data", nargs="+", metavar="FILE", action=_StoreInputs, default=None,
         help="the real raw file(s) (Criteo train.txt / day_N, Avazu train). " + INPUT_HELP,
@@ -81,7 +84,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, synthetic_default: int |
 
 
 def find_real_file(dataset: str) -> Path | None:
-    """A raw file in the conventional places (``$MPE_DATA_DIR/<dataset>/`` or ``datasets/<dataset>/``)."""
+    """A raw file in the conventional places (``$MPE_DATA_DIR/<dataset>/`` or ``datasets/<dataset>/``);
+    a schema file's dataset has none."""
+    if dataset not in RAW_NAMES:
+        return None
     roots = [Path(os.environ["MPE_DATA_DIR"])] if os.environ.get("MPE_DATA_DIR") else []
     roots.append(Path("datasets"))
     for root in roots:
@@ -92,6 +98,9 @@ def find_real_file(dataset: str) -> Path | None:
 
 
 def how_to_get(dataset: str) -> str:
+    if dataset not in RAW_NAMES:
+        return (f"no {dataset} data given: pass --data FILE... (the layout the schema file describes) or "
+                "--synthetic ROWS for a synthetic file in that layout")
     hint = {
         "criteo": "the Criteo Display Advertising Challenge train.txt (Kaggle, ~11 GB, 45.8M rows)",
         "avazu": "the Avazu CTR Prediction train file (Kaggle, ~6 GB, 40.4M rows)",
@@ -105,13 +114,22 @@ def how_to_get(dataset: str) -> str:
 
 def synthetic_file(cache_dir: str | os.PathLike, dataset: str, rows: int, days: int = 1, drift: float = 0.0,
                    seed: int = 2022) -> Path:
-    """Where the synthetic file of these generator arguments is cached."""
+    """Where the synthetic file of these generator arguments is cached (a schema file's dataset:
+    keyed by its schema's digest too)."""
     schema = get_schema(dataset)
+    if not schema.builtin:
+        stem = f"{_cache_name(schema)}_sv{SCHEMA_GENERATOR_VERSION}"
+        return Path(cache_dir) / "synthetic" / f"{stem}_{rows}rows_{days}d_drift{drift:g}_s{seed}{SUFFIX[schema.file_type]}"
     suffix = ".csv" if schema.name == "avazu" else ".txt"
     return Path(cache_dir) / "synthetic" / f"{schema.name}_v{GENERATOR_VERSION}_{rows}rows_{days}d_drift{drift:g}_s{seed}{suffix}"
 
 
-def prepared_dir(cache_dir: str | os.PathLike, dataset: str,
+def _cache_name(schema: DatasetSchema) -> str:
+    """``criteo``, or ``my_clicks-1a2b3c4d`` (a schema file's name and digest)."""
+    return schema.name if schema.builtin else f"{schema.name}-{schema.digest[:8]}"
+
+
+def prepared_dir(cache_dir: str | os.PathLike, dataset: str | DatasetSchema,
                  raw: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, Any], min_count: int,
                  split: str | None, seed: int) -> Path:
     """Where the prepared output of ``raw`` with these parameters is cached.
@@ -122,7 +140,7 @@ def prepared_dir(cache_dir: str | os.PathLike, dataset: str,
     """
     inputs = input_files(raw)
     split = resolve_split(split, inputs)
-    name = get_schema(dataset).name
+    name = _cache_name(get_schema(dataset))
     files = inputs.files
     if len(files) == 1 and not inputs.presplit:  # the name of a single file, as it always was
         key = hashlib.sha256(str(files[0].resolve()).encode()).hexdigest()[:10]
@@ -140,7 +158,7 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
     schema = get_schema(args.dataset)
     args.dataset = schema.name
     if args.prepared:
-        return PreparedDataset(args.prepared)
+        return _open_prepared(args.prepared, schema)
     spec = input_options(getattr(args, "data", None), getattr(args, "train", None), getattr(args, "val", None),
                          getattr(args, "test", None), "--data")
     cache = Path(args.cache_dir)
@@ -150,9 +168,9 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
             raise DataNotFoundError(how_to_get(schema.name))
         spec = [found]
     if spec is None:
-        raw = synthetic_file(cache, schema.name, args.synthetic, args.days, args.drift, args.data_seed)
+        raw = synthetic_file(cache, schema, args.synthetic, args.days, args.drift, args.data_seed)
         if not raw.exists():
-            generate(schema.name, args.synthetic, raw, days=args.days, drift=args.drift, seed=args.data_seed, progress=progress)
+            generate(schema, args.synthetic, raw, days=args.days, drift=args.drift, seed=args.data_seed, progress=progress)
         spec = [raw]
     inputs = input_files(spec, "--data")
     for raw in inputs.files:
@@ -162,12 +180,30 @@ def resolve(args: argparse.Namespace, progress: bool = True) -> PreparedDataset:
             raise FileNotFoundError(f"{raw}: no such file")
     split = resolve_split(args.split, inputs)
     min_count = args.min_count if args.min_count is not None else schema.default_min_count
-    out = prepared_dir(cache, schema.name, spec, min_count, split, args.data_seed)
+    out = prepared_dir(cache, schema, spec, min_count, split, args.data_seed)
     prepare(
-        schema.name, spec, out, min_count=min_count, split=split, seed=args.data_seed,
+        schema, spec, out, min_count=min_count, split=split, seed=args.data_seed,
         on_bad_rows=args.on_bad_rows, progress=progress,
     )
     return PreparedDataset(out)
+
+
+def _open_prepared(path: str | os.PathLike, schema: DatasetSchema) -> PreparedDataset:
+    """``--prepared DIR``: the directory, whose recorded schema (a schema file's dataset) must be
+    the one ``--dataset`` names when that is a schema file, and is registered under its name."""
+    data = PreparedDataset(path)
+    recorded = data.manifest.get("schema")
+    if isinstance(recorded, dict):
+        if not schema.builtin and data.manifest.get("schema_sha256") != schema.digest:
+            raise ValueError(
+                f"{path}: prepared with another schema ({data.dataset}, schema_sha256 "
+                f"{str(data.manifest.get('schema_sha256'))[:12]}...) than {schema.source or schema.name} "
+                f"({schema.digest[:12]}...); prepare it again"
+            )
+        register_schema(schema if not schema.builtin else schema_from_dict(recorded))
+    elif not schema.builtin:
+        raise ValueError(f"{path}: prepared as {data.dataset}, not with the schema {schema.source or schema.name}")
+    return data
 
 
 def resolve_once(args: argparse.Namespace, progress: bool = True, dist=None) -> PreparedDataset:

@@ -3,6 +3,8 @@
     python -m data.synthetic --dataset criteo --rows 1000000 --out criteo.txt [--days D] [--drift X] [--seed S]
 
 The file is read unchanged by the reader of the real data (``data.reader`` / ``data.prepare``).
+With ``--dataset SCHEMA.toml`` (a dataset described by a schema file) the file is written by
+``data.synthetic_schema`` instead, in that schema's format.
 Metadata, among it the oracle AUC (the AUC of the true click probabilities on the file's
 labels, overall and per day), goes to ``FILE.meta.json`` so tests and benchmarks know the
 ceiling a model can reach.
@@ -44,7 +46,7 @@ Click model (the oracle)
 - b0[day] is solved by bisection on a 50k-row pilot sample under that day's model, so the
   click rate is ~22% (Criteo) / ~17% (Avazu) on every day, drift or not (Avazu weekends a
   little higher). Labels ~ Bernoulli(sigmoid(logit)). The oracle AUC (~0.80 for both
-  datasets) is ``roc_auc_score(labels, p)`` on the file, computed by ``auc`` below.
+  datasets) is ``roc_auc_score(labels, p)`` on the file, computed by ``data.auc.auc``.
 
 Drift (``--drift X``, 0 = none)
 - Every effect has a second, independent draw e' next to e. On day d of D the effects are
@@ -78,13 +80,16 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from data.artifacts import atomic_write_json
+from data.auc import auc
 from data.schema import (
     AVAZU_CAT_COLUMNS,
     CRITEO_CAT_COLUMNS,
     CRITEO_INT_COLUMNS,
-    SCHEMAS,
+    DatasetSchema,
+    dataset_argument,
     get_schema,
 )
+from data.synthetic_schema import generate_for_schema
 from data.transforms import splitmix64
 
 GENERATOR_VERSION = 2
@@ -200,25 +205,6 @@ def _ints(v: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC with midrank ties (equals ``sklearn.metrics.roc_auc_score``), low memory.
-
-    Sorts the positive and the negative scores separately and counts, for each positive, the
-    negatives below it (ties count one half). NaN when one class is absent.
-    """
-    y = np.asarray(labels).astype(bool)
-    pos, neg = np.sort(scores[y]), np.sort(scores[~y])
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    below = 0.0
-    for s in range(0, len(pos), 1 << 22):
-        p = pos[s:s + (1 << 22)]
-        lo = np.searchsorted(neg, p, side="left")
-        hi = np.searchsorted(neg, p, side="right")
-        below += float(lo.sum(dtype=np.int64)) + 0.5 * float((hi - lo).sum(dtype=np.int64))
-    return below / (len(pos) * len(neg))
 
 
 @dataclass
@@ -516,7 +502,7 @@ def _calibrate(model: _Model, seed: int, target: float) -> np.ndarray:
 
 
 def generate(
-    dataset: str,
+    dataset: str | DatasetSchema,
     rows: int,
     out_path: str | os.PathLike,
     days: int = 1,
@@ -524,13 +510,16 @@ def generate(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write ``rows`` synthetic rows of ``dataset``'s raw train format to ``out_path``.
+    """Write ``rows`` synthetic rows of ``dataset``'s raw train format to ``out_path`` (a schema
+    file's dataset: ``data.synthetic_schema.generate_for_schema``).
 
     Returns the metadata, also written to ``<out_path>.meta.json``: parameters, click rate and
     oracle AUC (overall and per day), cardinalities (the generator's, the real dataset's, and
     the distinct values present in the file) and the generator version.
     """
     schema = get_schema(dataset)
+    if not schema.builtin:  # a dataset described by a schema file
+        return generate_for_schema(schema, rows, out_path, days, drift, seed, progress)
     if rows < 1 or days < 1 or days > rows:
         raise ValueError(f"need rows >= days >= 1, got rows={rows}, days={days}")
     if not math.isfinite(drift) or drift < 0:
@@ -628,8 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, choices=list(SCHEMAS), type=str.lower,
-                   help="raw format to write: criteo (tab-separated, no header) or avazu (CSV with header)")
+    p.add_argument("--dataset", required=True, type=dataset_argument, metavar="criteo|avazu|SCHEMA",
+                   help="raw format to write: criteo (tab-separated, no header), avazu (CSV with header) or the "
+                   "path of a schema file (its format and columns; data.synthetic_schema)")
     p.add_argument("--rows", type=int, required=True, help="number of rows to write")
     p.add_argument("--out", required=True, help="output file (written atomically); metadata to OUT.meta.json")
     p.add_argument("--days", type=int, default=1, help="number of days, rows in time order (default 1)")

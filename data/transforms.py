@@ -1,9 +1,9 @@
 """Vectorised value transforms used by ``data.prepare`` (numpy / Arrow, never per-row Python).
 
 - Criteo integer bucketing: floor(ln(x)^2) for x > 2, x itself otherwise, missing kept apart.
-- Avazu ``hour`` (YYMMDDHH) -> hour of day, weekday (Monday = 0), weekend flag.
+- Avazu ``hour`` (YYMMDDHH) and Unix seconds -> hour of day, weekday (Monday = 0), weekend flag.
 - Deterministic split assignment (splitmix64 hash of the global row index and the seed; file
-  position; the last input file for ``by-file``).
+  position, or a time column's cut points; the last input file for ``by-file``).
 - 64-bit keys of strings, for fast vocabulary lookups with ``np.searchsorted``.
 """
 
@@ -43,10 +43,14 @@ def random_split(first_row: int, n: int, seed: int) -> np.ndarray:
     Each row's code depends only on its global index and ``seed``, so it does not depend on
     how the file was cut into blocks.
     """
+    return random_split_codes(np.arange(first_row, first_row + n, dtype=np.uint64), seed)
+
+
+def random_split_codes(rows: np.ndarray, seed: int) -> np.ndarray:
+    """Split codes of the random split for arbitrary global row indices (``random_split``'s rule)."""
     salt = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
-    idx = np.arange(first_row, first_row + n, dtype=np.uint64)
-    r = splitmix64(idx ^ salt) % np.uint64(10)
-    codes = np.zeros(n, dtype=np.int8)
+    r = splitmix64(np.asarray(rows).astype(np.uint64) ^ salt) % np.uint64(10)
+    codes = np.zeros(len(r), dtype=np.int8)
     codes[r == 8] = VAL
     codes[r == 9] = TEST
     return codes
@@ -76,6 +80,35 @@ def by_file_split(first_row: int, n: int, file_rows: list[int] | tuple[int, ...]
     codes = np.zeros(n, dtype=np.int8)
     codes[idx >= start] = VAL
     codes[idx >= start + half] = TEST
+    return codes
+
+
+def time_value_cuts(values: np.ndarray, counts: np.ndarray, total: int) -> tuple[int, int]:
+    """Cut points of the time split by a time column: ``(c1, c2)`` with train = rows whose time
+    is below c1, val = [c1, c2), test = from c2.
+
+    ``values``: the distinct times (int64), ``counts``: their rows. c1 is the time of the row
+    at position ``n_train`` in time order (``time_split_sizes``), c2 that of the row at
+    ``n_train + n_val``: rows of one timestamp stay together, so a boundary timestamp goes
+    wholly to the later split. A cut past the last row is the largest int64.
+    """
+    order = np.argsort(values, kind="stable")
+    v, c = np.asarray(values, dtype=np.int64)[order], np.asarray(counts, dtype=np.int64)[order]
+    ends = np.cumsum(c)  # rows up to and including each time
+    n_train, n_val, _ = time_split_sizes(total)
+    cuts = []
+    for position in (n_train, n_train + n_val):
+        i = int(np.searchsorted(ends, position, side="right"))
+        cuts.append(int(v[i]) if i < len(v) else int(np.iinfo(np.int64).max))
+    return cuts[0], cuts[1]
+
+
+def time_value_split(times: np.ndarray, cuts: tuple[int, int]) -> np.ndarray:
+    """Split codes of rows by their time (``time_value_cuts``)."""
+    t = np.asarray(times, dtype=np.int64)
+    codes = np.zeros(len(t), dtype=np.int8)
+    codes[t >= cuts[0]] = VAL
+    codes[t >= cuts[1]] = TEST
     return codes
 
 
@@ -137,6 +170,34 @@ def avazu_hour_fields(text: pa.Array) -> dict[str, pa.Array]:
         "weekday": pa.array(weekday).cast(pa.string()),
         "is_weekend": pa.array((weekday >= 5).astype(np.int64)).cast(pa.string()),
     }
+
+
+def integer_values(text: pa.Array) -> np.ndarray:
+    """int64 of integer strings ("5.0", as pandas writes floats, is 5).
+
+    The reader has rejected rows whose value is no integer, but a block's dictionary may still
+    hold such a value (of a skipped row): it reads as 0, and no row refers to it.
+    """
+    text = text.cast(pa.string())
+    ok = pc.match_substring_regex(text, r"^-?[0-9]{1,18}(\.0+)?$")
+    text = pc.if_else(ok, pc.replace_substring_regex(text, r"\.0+$", ""), "0")
+    return pc.cast(text, pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def unix_time_fields(text: pa.Array) -> dict[str, pa.Array]:
+    """Unix seconds (UTC) -> {hour_of_day, weekday (Monday = 0), is_weekend} category strings."""
+    seconds = integer_values(text)
+    days = np.floor_divide(seconds, 86_400)
+    hh = np.floor_divide(seconds - days * 86_400, 3_600)
+    weekday = (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    return {
+        "hour_of_day": pa.array(hh).cast(pa.string()),
+        "weekday": pa.array(weekday).cast(pa.string()),
+        "is_weekend": pa.array((weekday >= 5).astype(np.int64)).cast(pa.string()),
+    }
+
+
+DATETIME_FIELDS = {"yymmddhh": avazu_hour_fields, "unix_seconds": unix_time_fields}
 
 
 def string_keys(arr: pa.Array) -> np.ndarray:

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from ctr.model import ModelConfig
 from ctr.options import model_config, train_config
 from ctr.trainer import TrainConfig
-from data.schema import get_schema
+from data.schema import DEFAULT_MPE_LAMBDA, SCHEMAS, get_schema
 from mpe.bitwidths import DEFAULT_CANDIDATES, validate_candidates
 from mpe.embedding import MODES
 
-DEFAULT_LAMBDA = {"criteo": 3e-4, "avazu": 2e-6}  # the paper's
-DEFAULT_L2 = {"criteo": 3e-6, "avazu": 0.0}  # L2 on rows and tower, the paper's
+# The paper's, as the shipped schema files give them ([mpe] lambda / l2 of data/schemas/*.toml); a
+# schema file's dataset has its own, DEFAULT_MPE_LAMBDA / DEFAULT_MPE_L2 when it gives none.
+DEFAULT_LAMBDA = {name: s.mpe_lambda for name, s in SCHEMAS.items()}
+DEFAULT_L2 = {name: s.mpe_l2 for name, s in SCHEMAS.items()}  # L2 on rows and tower
 SELECTIONS = ("threshold", "argmax", "budgeted")
 BUDGET_METHODS = ("multiplier", "bisection")
 
@@ -32,12 +34,12 @@ BUDGET_METHODS = ("multiplier", "bisection")
 class SearchConfig:
     """What MPE adds to training: groups, candidates, the size penalty and the selection.
 
-    ``lam`` None: the dataset's ``DEFAULT_LAMBDA``. ``target_ratio``: make the export
-    about R x smaller than fp32. ``budget="multiplier"``: in one search, lambda (starting
-    from ``lam``) is a Lagrange multiplier adapted after every step (``mpe.multiplier``;
-    ``multiplier_rate`` None: ``auto_multiplier_rate``); ``"bisection"``: lambda is found
-    first by bisection over ``bisection_steps`` short searches on ``bisection_fraction``
-    of the training split.
+    ``lam`` None: the dataset's default (``DEFAULT_LAMBDA``, a schema file's ``[mpe] lambda``).
+    ``target_ratio``: make the export about R x smaller than fp32. ``budget="multiplier"``:
+    in one search, lambda (starting from ``lam``) is a Lagrange multiplier adapted after
+    every step (``mpe.multiplier``; ``multiplier_rate`` None: ``auto_multiplier_rate``);
+    ``"bisection"``: lambda is found first by bisection over ``bisection_steps`` short
+    searches on ``bisection_fraction`` of the training split.
     """
 
     lam: float | None = None
@@ -90,26 +92,27 @@ class MPEConfig:
 
     def lambda_value(self) -> float:
         """lambda, or the dataset's default when none was given."""
-        return self.search.lam if self.search.lam is not None else DEFAULT_LAMBDA[self.dataset]
+        return self.search.lam if self.search.lam is not None else get_schema(self.dataset).mpe_lambda
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, dataset: str | None = None, seed: int | None = None,
                   fp32_baseline: bool | None = None, **search_overrides) -> MPEConfig:
         """The config of parsed ``add_training_arguments`` + ``add_mpe_arguments`` options.
 
-        ``dataset``: the resolved dataset name (default ``args.dataset``); ``--weight-decay``
-        absent means the dataset's ``DEFAULT_L2``. ``seed`` replaces ``--seed`` (a benchmark's
-        run of several seeds), ``fp32_baseline`` the CLI's ``--no-fp32-baseline``, and
+        ``dataset``: the resolved dataset name (default ``args.dataset``: a name or a schema file);
+        ``--weight-decay`` absent means the dataset's L2 (``DEFAULT_L2``, a schema file's
+        ``[mpe] l2``). ``seed`` replaces ``--seed`` (a benchmark's run of several seeds), ``fp32_baseline`` the CLI's ``--no-fp32-baseline``, and
         ``search_overrides`` the search fields (a benchmark's target ratio, say).
         """
-        name = get_schema(dataset or args.dataset).name  # ValueError naming the known datasets
+        schema = get_schema(dataset or args.dataset)  # ValueError naming the known datasets
+        name = schema.name
         search = SearchConfig(
             lam=args.lam, target_ratio=args.target_ratio, groups=args.groups, candidates=tuple(args.bits),
             mode=args.mode, tau=args.tau, selection=args.selection, samples=args.samples,
             budget=args.budget, multiplier_rate=args.multiplier_rate,
             bisection_steps=args.bisection_steps, bisection_fraction=args.bisection_fraction,
         )
-        train = train_config(args, weight_decay=DEFAULT_L2[name])
+        train = train_config(args, weight_decay=schema.mpe_l2)
         if fp32_baseline is None:
             fp32_baseline = not getattr(args, "no_fp32_baseline", False)
         return cls(
@@ -140,7 +143,8 @@ def add_mpe_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None
         g.add_argument(f"--{prefix}{flag}", **kw)
 
     add("lambda", dest="lam", type=float, default=s.lam,
-        help=f"size-penalty coefficient (default per dataset: {DEFAULT_LAMBDA})")
+        help=f"size-penalty coefficient (default per dataset: {DEFAULT_LAMBDA}; a schema file's [mpe] lambda, "
+             f"else {DEFAULT_MPE_LAMBDA:g})")
     add("target-ratio", dest="target_ratio", type=float, default=s.target_ratio,
         help="find lambda so the export is ~R x smaller than fp32")
     add("groups", dest="groups", type=int, default=s.groups, help=f"frequency groups (default {s.groups})")
