@@ -178,9 +178,7 @@ class ALPTEmbedding(CompressedEmbedding):
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike) -> ALPTEmbedding:
         """Rebuild the tables from an ``export()`` directory (checksums verified, no pickle)."""
-        header, arrays = read_tables(export_dir)
-        if header["method"] != cls.method:
-            raise ValueError(f"{export_dir}: export of method {header['method']!r}, not {cls.method!r}")
+        header, arrays = read_tables(export_dir, cls.method)
         cfg = header["config"]
         emb = cls(header["fields"], cfg["cardinalities"], header["dim"], cfg["bits"], init_std=0.0)
         codes = unpack_codes(arrays["codes"], emb.num_rows(), emb.dim, emb.bits)

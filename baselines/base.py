@@ -132,10 +132,11 @@ def write_tables(
     return header
 
 
-def read_tables(export_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_tables(export_dir: str | os.PathLike, method: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Verify and load an export written by ``write_tables``: (header, name -> array).
 
-    A missing, truncated, corrupted or edited file raises ``ArtifactError`` naming it.
+    A missing, truncated, corrupted or edited file raises ``ArtifactError`` naming it;
+    an export of another method than ``method`` (when given) a ``ValueError``.
     """
     root = Path(export_dir)
     path = root / HEADER_FILE
@@ -146,6 +147,8 @@ def read_tables(export_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         raise ArtifactError(f"{path}: unsupported schema_version {header.get('schema_version')!r} (reader knows {SCHEMA_VERSION})")
     if header.get(HEADER_DIGEST) != _digest(header):
         raise ArtifactError(f"{path}: header checksum mismatch; the header was edited or is corrupted")
+    if method is not None and header.get("method") != method:
+        raise ValueError(f"{export_dir}: export of method {header.get('method')!r}, not {method!r}")
     arrays = {}
     for fname, info in header["files"].items():
         file = safe_child(root, fname)

@@ -143,9 +143,7 @@ class CutoffEmbedding(RemappedTables):
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike) -> CutoffEmbedding:
         """Rebuild from an ``export()`` directory (checksums verified, no pickle)."""
-        header, arrays = read_tables(export_dir)
-        if header["method"] != cls.method:
-            raise ValueError(f"{export_dir}: export of method {header['method']!r}, not {cls.method!r}")
+        header, arrays = read_tables(export_dir, cls.method)
         cfg = header["config"]
         kept = ef_decode(arrays["kept_ids"], cfg["num_kept"], sum(cfg["cardinalities"]))
         emb = cls(header["fields"], cfg["cardinalities"], header["dim"], kept, cfg["min_count"])

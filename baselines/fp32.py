@@ -58,9 +58,7 @@ class FP32Tables(CompressedEmbedding, FP32Embedding):
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike) -> FP32Tables:
         """Rebuild the tables from an ``export()`` directory (checksums verified, no pickle)."""
-        header, arrays = read_tables(export_dir)
-        if header["method"] != cls.method:
-            raise ValueError(f"{export_dir}: export of method {header['method']!r}, not {cls.method!r}")
+        header, arrays = read_tables(export_dir, cls.method)
         emb = cls(header["fields"], header["config"]["cardinalities"], header["dim"])
         with torch.no_grad():
             for f in emb.fields:

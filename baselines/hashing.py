@@ -162,8 +162,7 @@ class HashedEmbedding(RemappedTables):
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike) -> HashedEmbedding:
         """Rebuild from an ``export()`` directory (checksums verified, no pickle)."""
-        header, arrays = read_tables(export_dir)
-        _check_method(header, cls.method, export_dir)
+        header, arrays = read_tables(export_dir, cls.method)
         cfg = header["config"]
         emb = cls(header["fields"], cfg["cardinalities"], header["dim"], cfg["buckets"], cfg["seed"])
         if emb.salt != cfg["salt"]:
@@ -298,8 +297,7 @@ class QREmbedding(RemappedTables):
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike) -> QREmbedding:
         """Rebuild from an ``export()`` directory (checksums verified, no pickle)."""
-        header, arrays = read_tables(export_dir)
-        _check_method(header, cls.method, export_dir)
+        header, arrays = read_tables(export_dir, cls.method)
         cfg = header["config"]
         emb = cls(header["fields"], cfg["cardinalities"], header["dim"], cfg["remainders"])
         emb.load_arrays(arrays)
@@ -311,11 +309,6 @@ def build_qr(inputs: MethodInputs, setting: str) -> QREmbedding:
     budget = budget_bytes(inputs.fp32_bytes, parse_ratio(setting, "qr"))
     remainders = qr_remainders(inputs.cardinalities, inputs.dim, budget)
     return QREmbedding(inputs.fields, inputs.cardinalities, inputs.dim, remainders)
-
-
-def _check_method(header: dict, method: str, export_dir: str | os.PathLike) -> None:
-    if header["method"] != method:
-        raise ValueError(f"{export_dir}: export of method {header['method']!r}, not {method!r}")
 
 
 HASH_METHOD = Method(

@@ -280,9 +280,7 @@ class PEPEmbedding(CompressedEmbedding):
 
         The result holds the exported table with its pattern frozen (``retraining`` is True).
         """
-        header, arrays = read_tables(export_dir)
-        if header["method"] != cls.method:
-            raise ValueError(f"{export_dir}: export of method {header['method']!r}, not {cls.method!r}")
+        header, arrays = read_tables(export_dir, cls.method)
         cfg = header["config"]
         dim, cards = int(header["dim"]), [int(c) for c in cfg["cardinalities"]]
         table = decode_table(cfg["encoding"], arrays, int(cfg["nnz"]), sum(cards), dim)

@@ -150,9 +150,7 @@ class TorchrecPTQEmbedding(CompressedEmbedding):
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike) -> TorchrecPTQEmbedding:
         """Rebuild the quantized tables from ``export()`` (checksums verified, no pickle)."""
-        header, arrays = read_tables(export_dir)
-        if header["method"] != cls.method:
-            raise ValueError(f"{export_dir}: export of method {header['method']!r}, not {cls.method!r}")
+        header, arrays = read_tables(export_dir, cls.method)
         cfg = header["config"]
         data_type = DataType[cfg["data_type"]]
         shell = FP32Embedding(header["fields"], cfg["cardinalities"], header["dim"], init_std=0.0)

@@ -184,9 +184,7 @@ class RobeEmbedding(CompressedEmbedding):
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike) -> RobeEmbedding:
         """Rebuild from an ``export()`` directory (checksums verified, no pickle)."""
-        header, arrays = read_tables(export_dir)
-        if header["method"] != cls.method:
-            raise ValueError(f"{export_dir}: export of method {header['method']!r}, not {cls.method!r}")
+        header, arrays = read_tables(export_dir, cls.method)
         cfg = header["config"]
         array = arrays["array"]
         if array.dtype != np.float32 or array.shape != (cfg["size"],):

@@ -318,9 +318,7 @@ class TTEmbedding(CompressedEmbedding):
     @classmethod
     def from_export(cls, export_dir: str | os.PathLike) -> TTEmbedding:
         """Rebuild from an ``export()`` directory (checksums verified, no pickle)."""
-        header, arrays = read_tables(export_dir)
-        if header["method"] != cls.method:
-            raise ValueError(f"{export_dir}: export of method {header['method']!r}, not {cls.method!r}")
+        header, arrays = read_tables(export_dir, cls.method)
         cfg = header["config"]
         emb = cls(header["fields"], cfg["cardinalities"], header["dim"], cfg["ranks"])
         if emb.export_config() != cfg:
