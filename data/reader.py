@@ -665,7 +665,8 @@ class RawReader:
             raise RawFormatError(
                 self.path,
                 f"this is an unlabeled {schema.name} test file ({len(self.layout.columns)} columns, "
-                f"no '{schema.label}' column); preprocessing needs the labeled train file",
+                f"no '{schema.label}' column); preprocessing needs the labeled train file (score a test file "
+                "with a trained export: `python -m mpe.predict --export RUN/export --data FILE --out predictions.csv`)",
                 line=1,
             )
         self.file_columns = self.layout.columns

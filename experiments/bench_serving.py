@@ -44,6 +44,18 @@ the ``.pt2`` file; ``ptq_*`` run
 ``TorchrecPTQEmbedding.from_export``; ``mpe_torchrec`` loads the packed export then builds
 its torchrec tables. Reported: the peak increase over the post-import baseline.
 
+Pipeline (``--pipeline``): raw text to probabilities, as ``python -m mpe.predict`` runs it.
+An ``mpe.search`` run on a synthetic Criteo file of ``--pipeline-rows`` rows at
+``--target-ratio`` (or an existing ``--pipeline-run``), then the whole labeled file scored
+``--rounds`` times by two scorers that share the reader, the export's vocabulary and the tower
+(``mpe.predict.Scorer``): ``mpe_predict`` (the packed export's served model) and ``fp32``
+(the same rows, decoded once, in a torchrec fp32 ``EmbeddingBagCollection``). Reported: rows/s
+of each (median), their ratio (target >= 0.7 at 1M rows), whether the probabilities agree, and
+the export's byte breakdown (``mpe.format.byte_breakdown``) for the ``exact`` vocabulary and a
+``compact`` re-export: deployable bytes / embedding bytes (target <= 2 at 200x on 1M rows).
+``OUT/bench_serving_pipeline.json``. Example:
+``python -m experiments.bench_serving --pipeline --pipeline-rows 1000000 --target-ratio 200``.
+
 Results: ``OUT/bench_serving.json``, ``OUT/bench_serving.csv`` (lookups) and
 ``OUT/bench_serving_memory.csv``. Not a test: timings depend on the machine, and the
 development machine is a shared, loaded 2-core box (run with ``OMP_NUM_THREADS=1``).
@@ -353,7 +365,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_serving")
     p.add_argument("--child-load", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pipeline", action="store_true",
+                   help="instead: mpe.predict from raw text vs the fp32 model through the same pipeline, and "
+                   "deployable bytes vs embedding bytes (module docstring)")
+    p.add_argument("--pipeline-rows", type=int, default=1_000_000, help="synthetic Criteo rows (default 1000000)")
+    p.add_argument("--target-ratio", type=float, default=200.0, help="the run's compression target (default 200)")
+    p.add_argument("--pipeline-run", default=None, metavar="DIR", help="an existing mpe.search run to use instead")
+    p.add_argument("--search-args", default="", help="extra mpe.search options, one string (e.g. '--epochs 1')")
     return p
+
+
+def run_pipeline(args: argparse.Namespace, out: Path) -> dict:
+    """The ``--pipeline`` measurement (module docstring); returns what it writes."""
+    import shlex
+
+    from ctr.model import CTRModel
+    from data.batches import PreparedDataset
+    from mpe import search
+    from mpe.exporter import export_model
+    from mpe.format import HEADER_FILE
+    from mpe.predict import Scorer, load_scorer
+    from mpe.run_dir import load_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    run = Path(args.pipeline_run) if args.pipeline_run else out / "pipeline_run"
+    if not args.pipeline_run:
+        rc = search.main(["--dataset", "criteo", "--synthetic", str(args.pipeline_rows), "--out", str(run),
+                          "--cache-dir", str(out / "cache"), "--target-ratio", str(args.target_ratio),
+                          "--no-progress", *shlex.split(args.search_args)])
+        if rc != 0:
+            raise RuntimeError(f"mpe.search exited with {rc}")
+    report = json.loads((run / "report.json").read_text())
+    prepared = PreparedDataset(report["data"])
+    raw = [Path(i["path"]) for i in prepared.manifest["inputs"]]
+    export = run / "export"
+    packed_scorer = load_scorer(export)
+    served = packed_scorer.model
+    packed = served.embedding.packed
+    fp32 = FP32Embedding(packed.fields, prepared.cardinalities, packed.dim)
+    dense = packed.to_dense()
+    with torch.no_grad():
+        for f, name in enumerate(packed.fields):
+            lo = packed.field_offsets[f]
+            fp32.ebc.embedding_bags[table_name(name)].weight.copy_(dense[lo : lo + prepared.cardinalities[f]])
+    fp32_scorer = Scorer(packed_scorer.vocabulary, CTRModel(fp32, served.tower), packed_scorer.fields)
+    scorers = {"mpe_predict": packed_scorer, "fp32": fp32_scorer}
+    rates: dict[str, list[float]] = {n: [] for n in scorers}
+    results = {}
+    for r in range(max(1, args.rounds)):
+        for name in (list(scorers) if r % 2 == 0 else list(scorers)[::-1]):
+            res = scorers[name].score(raw)
+            rates[name].append(res.rows_per_second)
+            results[name] = res
+    med = {n: float(np.median(v)) for n, v in rates.items()}
+    agree = float(np.abs(results["mpe_predict"].probabilities.astype(np.float64)
+                         - results["fp32"].probabilities.astype(np.float64)).max())
+
+    model, meta = load_model(run)
+    compact_dir = out / "pipeline_compact_export"
+    export_model(model, meta, compact_dir, torchrec=False, prepared=prepared, vocabulary="compact")
+    sizes = {}
+    for mode, d in (("exact", export), ("compact", compact_dir)):
+        b = json.loads((d / HEADER_FILE).read_text())["bytes"]
+        sizes[mode] = {**b, "deployable_over_embedding": b["deployable_total"] / b["embedding_total"],
+                       "deployable_without_tower_over_embedding": (b["deployable_total"] - b["tower"]) / b["embedding_total"]}
+    result = {
+        "rows": results["mpe_predict"].rows, "rows_per_s": med, "ratio_to_fp32": med["mpe_predict"] / med["fp32"],
+        "rounds_rows_per_s": rates, "max_abs_diff_fp32_vs_packed": agree,
+        "auc": results["mpe_predict"].metrics, "compression_ratio": report["compression_ratio"],
+        "bytes": sizes, "run": str(run), "note": SHARED_MACHINE_NOTE,
+    }
+    print(f"raw text -> probabilities, {result['rows']:,} rows, median of {len(rates['fp32'])} rounds "
+          f"({SHARED_MACHINE_NOTE})")
+    for n in scorers:
+        print(f"  {n:<12} {med[n]:>12,.0f} rows/s")
+    print(f"  mpe_predict / fp32: {result['ratio_to_fp32']:.2f}x (target >= 0.7); max |diff| {agree:.3g}")
+    print(f"bytes at {report['compression_ratio']:.1f}x (embedding bytes = the ratio's):")
+    for mode, b in sizes.items():
+        print(f"  {mode:<8} codes {b['codes']:,}  id map {b['id_map']:,}  steps/offset {b['steps_offset']:,}  "
+              f"vocabulary {b['vocabulary']:,}  tower {b['tower']:,}  embedding {b['embedding_total']:,}  "
+              f"deployable {b['deployable_total']:,} ({b['deployable_over_embedding']:.2f}x embedding; "
+              f"{b['deployable_without_tower_over_embedding']:.2f}x without the tower)")
+    atomic_write_json(out / "bench_serving_pipeline.json", result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child_load(args.child_load, out)))
         return 0
     torch.set_num_threads(args.threads)
+    if args.pipeline:
+        run_pipeline(args, out)
+        return 0
 
     names = [n for n in args.contenders.split(",") if n]
     kinds = [k for k in args.memory.split(",") if k]

@@ -23,6 +23,15 @@ Optionally (``python -m mpe.export --torch-export``) the directory also holds
 tower) captured by ``torch.export`` (``mpe.program``). The header then records it under
 ``program`` (file, sha256, bytes, inputs, outputs, torch version); exports without it stay
 valid, and the packed payload's ``files`` / ``total_bytes`` never include it.
+
+A deployable export (``mpe.vocabulary``; written by ``mpe.exporter.export_model`` when it has
+the prepared data) also holds ``preprocess.json`` (the schema, the bucketing cut points, the
+per-field vocabulary layout) and ``vocab.npy`` (uint32: the 32-bit fingerprints of the kept
+features' tokens): ``python -m mpe.predict`` scores raw rows from the export alone. The header
+records them under ``vocabulary``, the tower under ``tower`` (sha256 and bytes of
+``tower.json`` and ``tower.pt``), and the byte breakdown under ``bytes`` (codes, id map,
+steps/offset, vocabulary, tower, embedding and deployable totals). These keys are additive:
+exports without them still load, and ``files`` / ``total_bytes`` stay the packed payload.
 """
 
 from __future__ import annotations
@@ -43,11 +52,37 @@ PROGRAM_FILE = "served_program.pt2"  # torch.export program of the served model 
 PROGRAM_KEY = "program"  # the header's entry describing PROGRAM_FILE
 PROGRAM_FORMAT = "mpe-served-program"
 PROGRAM_SCHEMA_VERSION = 1
+TOWER_KEY = "tower"  # the header's entry: sha256 / bytes of tower.json and tower.pt
+VOCAB_FILE = "vocab.npy"  # uint32 token fingerprints of the kept features (mpe.vocabulary)
+PREPROCESS_FILE = "preprocess.json"  # schema, cut points, per-field vocabulary layout
+VOCAB_KEY = "vocabulary"  # the header's entry describing VOCAB_FILE and PREPROCESS_FILE
+VOCAB_FORMAT = "mpe-vocabulary"
+VOCAB_SCHEMA_VERSION = 1
+BYTES_KEY = "bytes"  # the header's byte breakdown (codes, id_map, steps_offset, vocabulary, tower, totals)
 
 
 def bucket_file(bits: int) -> str:
     """File name of the packed codes of the rows stored at ``bits`` bits."""
     return f"bucket_b{int(bits)}.bin"
+
+
+def byte_breakdown(header: dict[str, Any]) -> dict[str, int]:
+    """Bytes on disk by part: ``codes`` (the bucket files), ``id_map``, ``steps_offset``,
+    ``vocabulary`` (vocab.npy + preprocess.json), ``tower`` (tower.pt + tower.json), their
+    ``embedding_total`` (codes + id map + steps/offset = ``total_bytes``, what the compression
+    ratio is on) and ``deployable_total`` (everything ``mpe.predict`` needs to score a raw row).
+    Parts an export lacks count 0."""
+    files = header["files"]
+    codes = sum(int(f["bytes"]) for n, f in files.items() if n.startswith("bucket_b"))
+    id_map = int(files[ID_MAP_FILE]["bytes"]) if ID_MAP_FILE in files else 0
+    steps_offset = sum(int(files[n]["bytes"]) for n in (STEPS_FILE, OFFSET_FILE) if n in files)
+    vocab = header.get(VOCAB_KEY)
+    vocabulary = int(vocab["bytes"]) + int(vocab["preprocess"]["bytes"]) if vocab else 0
+    tower_entry = header.get(TOWER_KEY)
+    tower = int(tower_entry["bytes"]) + int(tower_entry["weights"]["bytes"]) if tower_entry else 0
+    embedding = codes + id_map + steps_offset
+    return {"codes": codes, "id_map": id_map, "steps_offset": steps_offset, "vocabulary": vocabulary,
+            "tower": tower, "embedding_total": embedding, "deployable_total": embedding + vocabulary + tower}
 
 
 def header_digest(header: dict[str, Any]) -> str:

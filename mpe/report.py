@@ -56,6 +56,9 @@ def build_report(
         "mean_bits_per_row": mean_bits_row,
         "paper_ratio_32_over_mean_bits": 32 / mean_bits_row if mean_bits_row > 0 else math.inf,
         "torchrec_quant_bytes": export.get("torchrec_quant_bytes"),
+        "bytes": export.get("bytes"),
+        "deployable_bytes": export.get("deployable_bytes"),
+        "vocabulary": export.get("vocabulary"),
         "tower_bytes": model.tower_bytes(),
         "export_test_auc": export["test_auc"],
         "bits_per_group": [int(b) for b in bits],
@@ -122,6 +125,14 @@ def summary_table(report: dict) -> str:
     rows.append(("penalty weights: sum", f"{report['penalty_weight_sum']:.2f} over {len(report['penalty_weights'])} groups"))
     if report.get("torchrec_quant_bytes"):
         rows.insert(6 if report.get("fp32_test") else 5, ("torchrec rowwise-quant bytes", f"{report['torchrec_quant_bytes']:,}"))
+    b = report.get("bytes")
+    if b:  # the export's parts, one a line (mpe.format.byte_breakdown)
+        at = next(i for i, (k, _) in enumerate(rows) if k == "packed export bytes")
+        parts = [("  codes", b["codes"]), ("  id map", b["id_map"]), ("  steps / offset", b["steps_offset"]),
+                 ("vocabulary + preprocessing bytes", b["vocabulary"]), ("tower bytes", b["tower"])]
+        if report.get("deployable_bytes") is not None:
+            parts.append(("deployable bytes (scores a raw row)", report["deployable_bytes"]))
+        rows[at + 1 : at + 1] = [(k, f"{v:,}") for k, v in parts]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 

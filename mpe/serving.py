@@ -26,6 +26,7 @@ from data.artifacts import (
     load_torch,
     read_json,
     safe_child,
+    sha256_file,
     short_error,
     verify_sha256,
 )
@@ -37,6 +38,7 @@ from mpe.format import (
     PROGRAM_KEY,
     PROGRAM_SCHEMA_VERSION,
     TOWER_FILE,
+    TOWER_KEY,
     TOWER_META,
 )
 from mpe.reader import PackedEmbedding, load_packed_export, read_header
@@ -78,8 +80,25 @@ def load_served_model(export_dir: str | Path) -> CTRModel:
         tower.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{export_dir / TOWER_FILE}: tower weights do not match {meta_path} ({short_error(e)})") from None
+    _check_tower_entry(export_dir, packed.header, meta_path, meta)
     model = CTRModel(PackedEmbeddingModule(packed, meta["fields"], meta["field_offsets"]), tower)
     return model.eval()
+
+
+def _check_tower_entry(export_dir: Path, header: dict, meta_path: Path, meta: dict) -> None:
+    """The header (checksummed) records which tower belongs to the export (``tower``: sha256 and
+    bytes of tower.json and of the weights): a consistent tower.json + tower.pt pair of another
+    export is refused. Exports written before the entry existed have none."""
+    entry = header.get(TOWER_KEY)
+    if entry is None:
+        return
+    try:
+        size, digest, weights = int(entry["bytes"]), str(entry["sha256"]), str(entry["weights"]["sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{export_dir / HEADER_FILE}: malformed {TOWER_KEY!r} entry ({short_error(e)})") from None
+    if meta_path.stat().st_size != size or sha256_file(meta_path) != digest or meta.get("sha256") != weights:
+        raise ArtifactError(f"{meta_path}: not the tower {export_dir / HEADER_FILE} records (sha256 or size "
+                            "differ); modified or from another export")
 
 
 def load_exported_program(export_dir: str | Path) -> torch.export.ExportedProgram:
