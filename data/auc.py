@@ -22,3 +22,16 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
         hi = np.searchsorted(neg, p, side="right")
         below += float(lo.sum(dtype=np.int64)) + 0.5 * float((hi - lo).sum(dtype=np.int64))
     return below / (len(pos) * len(neg))
+
+
+def click_summary(labels: np.ndarray, probs: np.ndarray, bounds: np.ndarray) -> dict[str, object]:
+    """Click rate and oracle AUC of a synthetic file, overall and per day (rows
+    ``bounds[d]:bounds[d + 1]`` are day d): the metadata keys both generators write."""
+    days = range(len(bounds) - 1)
+    slices = [slice(int(bounds[d]), int(bounds[d + 1])) for d in days]
+    return {
+        "click_rate": float(labels.mean()),
+        "click_rate_per_day": {str(d): float(labels[sl].mean()) for d, sl in zip(days, slices, strict=True)},
+        "oracle_auc": auc(labels, probs),
+        "oracle_auc_per_day": {str(d): auc(labels[sl], probs[sl]) for d, sl in zip(days, slices, strict=True)},
+    }

@@ -80,7 +80,8 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from data.artifacts import atomic_write_json
-from data.auc import auc
+from data.auc import auc as auc  # re-exported: data.synthetic.auc
+from data.auc import click_summary
 from data.schema import (
     AVAZU_CAT_COLUMNS,
     CRITEO_CAT_COLUMNS,
@@ -582,12 +583,6 @@ def generate(
 
 def _metadata(dataset: str, rows: int, days: int, drift: float, seed: int, model: _Model, probs: np.ndarray,
               labels: np.ndarray, bounds: np.ndarray, seen: dict[str, np.ndarray]) -> dict[str, Any]:
-    per_day_auc, per_day_ctr, per_day_rows = {}, {}, {}
-    for d in range(days):
-        sl = slice(int(bounds[d]), int(bounds[d + 1]))
-        per_day_auc[str(d)] = auc(labels[sl], probs[sl])
-        per_day_ctr[str(d)] = float(labels[sl].mean())
-        per_day_rows[str(d)] = [int(bounds[d]), int(bounds[d + 1])]
     return {
         "generator_version": GENERATOR_VERSION,
         "dataset": dataset,
@@ -595,11 +590,8 @@ def _metadata(dataset: str, rows: int, days: int, drift: float, seed: int, model
         "days": days,
         "drift": drift,
         "seed": seed,
-        "click_rate": float(labels.mean()),
-        "click_rate_per_day": per_day_ctr,
-        "oracle_auc": auc(labels, probs),
-        "oracle_auc_per_day": per_day_auc,
-        "day_rows": per_day_rows,
+        **click_summary(labels, probs, bounds[: days + 1]),
+        "day_rows": {str(d): [int(bounds[d]), int(bounds[d + 1])] for d in range(days)},
         "cardinalities": {name: f.card for name, f in model.fields.items()},
         "cardinalities_full": {name: f.full_card for name, f in model.fields.items()},
         "distinct_values": {name: int(v.sum()) for name, v in seen.items()},

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from data.artifacts import atomic_write_json
-from data.auc import auc
+from data.auc import click_summary
 from data.schema import DatasetSchema
 from data.transforms import splitmix64, string_keys
 
@@ -235,11 +235,6 @@ def generate_for_schema(schema: DatasetSchema, rows: int, out_path: str | os.Pat
 
 def _metadata(schema: DatasetSchema, model: _Model, rows: int, days: int, drift: float, seed: int,
               probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    per_day_auc, per_day_ctr = {}, {}
-    for d in range(days):
-        sl = slice(int(model.bounds[d]), int(model.bounds[d + 1]))
-        per_day_auc[str(d)] = auc(labels[sl], probs[sl])
-        per_day_ctr[str(d)] = float(labels[sl].mean())
     return {
         "generator": "data.synthetic_schema",
         "generator_version": SCHEMA_GENERATOR_VERSION,
@@ -249,10 +244,7 @@ def _metadata(schema: DatasetSchema, model: _Model, rows: int, days: int, drift:
         "days": days,
         "drift": drift,
         "seed": seed,
-        "click_rate": float(labels.mean()),
-        "click_rate_per_day": per_day_ctr,
-        "oracle_auc": auc(labels, probs),
-        "oracle_auc_per_day": per_day_auc,
+        **click_summary(labels, probs, model.bounds[: days + 1]),
         "cardinalities": dict(model.cards),
         "logit": {"gain": round(model.gain, 6), "bias": round(model.b0, 6)},
     }
