@@ -17,6 +17,30 @@ from encoding.sizes import MAX_BITS, bucket_code_bytes, npy_file_bytes
 from mpe.format import ID_MAP_FILE, OFFSET_FILE, STEPS_FILE, bucket_file
 
 DEFAULT_CANDIDATES: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
+# What a 0-bit (pruned) row reads as once the bits are fixed (retrain, export, serving): its
+# field's row 0 (the OOV row of ``data.prepare``) where that row has bits, or the zero vector.
+PRUNED_AS = ("oov", "zero")
+DEFAULT_PRUNED_AS = "oov"
+
+
+def oov_fields(row0_bits: np.ndarray, pruned_as: str) -> np.ndarray:
+    """bool [F]: the fields whose 0-bit rows read as their row 0, given every field's row-0
+    bits ``row0_bits`` int [F]: under ``"oov"`` those whose row 0 has bits > 0, under
+    ``"zero"`` none (a 0-bit row is then the zero vector)."""
+    if pruned_as not in PRUNED_AS:
+        raise ValueError(f"pruned_as must be one of {PRUNED_AS}, got {pruned_as!r}")
+    return (np.asarray(row0_bits) > 0) & (pruned_as == "oov")
+
+
+def oov_alias(bits_per_row: np.ndarray, field_offsets: Iterable[int], pruned_as: str) -> np.ndarray:
+    """bool [N]: the rows that read as their field's row 0 under ``pruned_as`` (the 0-bit rows
+    of the ``oov_fields``). ``bits_per_row``: int [N]; ``field_offsets``: every field's row 0."""
+    bits = np.asarray(bits_per_row)
+    offsets = np.asarray(list(field_offsets), dtype=np.int64)
+    if bits.size == 0:
+        return np.zeros(bits.shape, dtype=bool)
+    fields = oov_fields(bits[offsets], pruned_as)
+    return (bits == 0) & np.repeat(fields, np.diff(np.append(offsets, bits.size)))
 
 
 def validate_candidates(bits: Iterable[int]) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from ctr.options import model_config, train_config
 from ctr.trainer import TrainConfig
 from data.schema import DEFAULT_MPE_LAMBDA, SCHEMAS, get_schema
 from mpe.bitwidths import DEFAULT_CANDIDATES, validate_candidates
-from mpe.embedding import MODES
+from mpe.embedding import DEFAULT_PRUNED_AS, MODES, PRUNED_AS
 
 # The paper's, as the shipped schema files give them ([mpe] lambda / l2 of data/schemas/*.toml); a
 # schema file's dataset has its own, DEFAULT_MPE_LAMBDA / DEFAULT_MPE_L2 when it gives none.
@@ -39,7 +39,9 @@ class SearchConfig:
     in one search, lambda (starting from ``lam``) is a Lagrange multiplier adapted after
     every step (``mpe.multiplier``; ``multiplier_rate`` None: ``auto_multiplier_rate``);
     ``"bisection"``: lambda is found first by bisection over ``bisection_steps`` short
-    searches on ``bisection_fraction`` of the training split.
+    searches on ``bisection_fraction`` of the training split. ``pruned_as``: what a 0-bit row
+    reads as in the retrain and the export (``mpe.embedding``): its field's OOV row
+    (``"oov"``) or the zero vector (``"zero"``, the paper's).
     """
 
     lam: float | None = None
@@ -54,6 +56,7 @@ class SearchConfig:
     multiplier_rate: float | None = None
     bisection_steps: int = 6
     bisection_fraction: float = 0.25
+    pruned_as: str = DEFAULT_PRUNED_AS
 
     def __post_init__(self) -> None:
         self.candidates = validate_candidates(self.candidates)
@@ -65,6 +68,8 @@ class SearchConfig:
             raise ValueError(f"--groups must be >= 1, got {self.groups}")
         if self.budget not in BUDGET_METHODS:
             raise ValueError(f"unknown budget method {self.budget!r}; expected one of {BUDGET_METHODS}")
+        if self.pruned_as not in PRUNED_AS:
+            raise ValueError(f"unknown --pruned-as {self.pruned_as!r}; expected one of {PRUNED_AS}")
         if self.multiplier_rate is not None and not self.multiplier_rate > 0:
             raise ValueError(f"--multiplier-rate must be > 0, got {self.multiplier_rate}")
 
@@ -111,6 +116,7 @@ class MPEConfig:
             mode=args.mode, tau=args.tau, selection=args.selection, samples=args.samples,
             budget=args.budget, multiplier_rate=args.multiplier_rate,
             bisection_steps=args.bisection_steps, bisection_fraction=args.bisection_fraction,
+            pruned_as=args.pruned_as,
         )
         train = train_config(args, weight_decay=schema.mpe_l2)
         if fp32_baseline is None:
@@ -165,6 +171,10 @@ def add_mpe_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None
     add("multiplier-rate", dest="multiplier_rate", type=float, default=s.multiplier_rate,
         help="--budget multiplier: largest change of log(lambda) per step (default: 20 / search steps, "
              "clipped to [0.01, 0.1])")
+    add("pruned-as", dest="pruned_as", choices=PRUNED_AS, default=s.pruned_as,
+        help="what a pruned (0-bit) feature reads as after the search, in the retrain and the export: its "
+             "field's OOV row, like a rare or unseen value, so the export's vocabulary holds only the kept "
+             f"values ('oov'), or the zero vector, the paper's ('zero'; default {s.pruned_as})")
     add("bisection-steps", dest="bisection_steps", type=int, default=s.bisection_steps,
         help=f"--target-ratio: short searches of the lambda bisection (default {s.bisection_steps})")
     add("bisection-fraction", dest="bisection_fraction", type=float, default=s.bisection_fraction,

@@ -11,7 +11,12 @@ bit-width of its frequency group:
   matches the expected mode's (see ``LSQQuantizer.mix_sampled``). Cheaper per step.
   ``extra_loss()`` is the size penalty ``lambda * sum_g w_g * E_p[bits_g]``.
 - phase ``"fixed"``: every group has one bit-width (after selection); rows are
-  quantized at it, exactly as the bit-packed export stores them.
+  quantized at it, exactly as the bit-packed export stores them. A 0-bit (pruned) row reads
+  as ``pruned_as`` says: ``"oov"`` (default) as its field's row 0, the OOV row that
+  ``data.prepare`` gives a rare or unseen value, so a pruned value is served like an unseen
+  one and the export's vocabulary needs only the kept values (``mpe.vocabulary``);
+  ``"zero"`` as the zero vector (the paper's). The two differ only in fields whose OOV row
+  keeps bits > 0; the search phase is the same for both.
 
 Criteo and Avazu fields are single-valued, so a sum-pooled bag of one id is the row
 itself and quantizing the pooled output equals quantizing the row. Multi-hot fields
@@ -31,14 +36,12 @@ from torchrec import KeyedJaggedTensor
 from ctr.model import DEFAULT_INIT_STD, build_ebc, field_rows, table_name
 from data.layout import field_offsets, global_ids
 from encoding.sizes import fp32_table_bytes
-from mpe.bitwidths import DEFAULT_CANDIDATES, packed_table_bytes, validate_candidates
+from mpe.bitwidths import DEFAULT_CANDIDATES, DEFAULT_PRUNED_AS, PRUNED_AS, oov_alias, packed_table_bytes, validate_candidates
 from mpe.multiplier import SizeMultiplier
 from mpe.quantizer import LSQQuantizer
 
 PHASES = ("search", "fixed")
 MODES = ("expected", "sample")
-
-
 class MixedPrecisionEmbedding(nn.Module):
     """Per-field torchrec tables whose looked-up rows are fake-quantized by frequency group.
 
@@ -51,6 +54,8 @@ class MixedPrecisionEmbedding(nn.Module):
         pruned_rows: bool [N] rows pruned by construction whatever their group's bit-width
             (rows never seen in training: they carry no learned signal); they look up as
             zero vectors and take no bytes. Needs 0 among the candidates. Default: none.
+        pruned_as: what a 0-bit row reads as in phase 'fixed': ``"oov"`` its field's row 0,
+            ``"zero"`` the zero vector (module docstring).
         candidates: bit-width candidates (0 = pruned row).
         mode: 'expected' or 'sample' (search phase only).
         tau: softmax temperature of the precision distributions.
@@ -72,8 +77,12 @@ class MixedPrecisionEmbedding(nn.Module):
         lam: float = 3e-4,
         init_std: float = DEFAULT_INIT_STD,
         pruned_rows: np.ndarray | None = None,
+        pruned_as: str = DEFAULT_PRUNED_AS,
     ):
         super().__init__()
+        if pruned_as not in PRUNED_AS:
+            raise ValueError(f"pruned_as must be one of {PRUNED_AS}, got {pruned_as!r}")
+        self.pruned_as = pruned_as
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r}; expected one of {MODES}")
         self.fields = list(fields)
@@ -101,9 +110,12 @@ class MixedPrecisionEmbedding(nn.Module):
         self.register_buffer("penalty_weights", torch.as_tensor(np.asarray(penalty_weights), dtype=torch.float32))
         self.register_buffer("bit_values", torch.tensor(self.candidates, dtype=torch.float32))
         self.register_buffer("fixed_index", torch.zeros(num_groups, dtype=torch.int64))
+        # phase 'fixed': rows read as their field's row 0 (derived from the bits: not saved)
+        self.register_buffer("read_as_oov", torch.zeros(num_rows, dtype=torch.bool), persistent=False)
         self.logits = nn.Parameter(torch.zeros(num_groups, len(self.candidates)))
         self.quantizer = LSQQuantizer(self.candidates, dim, num_rows)
         self.quantizer.init_steps(self.global_weight())
+        self._aliased = False
         self.phase = "search"
 
     # -- state -------------------------------------------------------------------------
@@ -156,6 +168,10 @@ class MixedPrecisionEmbedding(nn.Module):
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         self.phase = phase
         self.logits.requires_grad_(phase == "search")
+        alias = oov_alias(self.bits_per_row(), self.field_offsets.tolist(), self.pruned_as) \
+            if phase == "fixed" else np.zeros(self.num_rows(), dtype=bool)
+        self.read_as_oov = torch.from_numpy(alias).to(self.read_as_oov.device)
+        self._aliased = bool(alias.any())
 
     def fix_bits(self, bits_per_group: np.ndarray | Sequence[int]) -> None:
         """Freeze one bit-width per group (bit values, not indices) and switch to phase 'fixed'."""
@@ -193,7 +209,19 @@ class MixedPrecisionEmbedding(nn.Module):
         """int64 [B, F] global row ids of a single-valued KJT."""
         return global_ids(kjt, self.field_offsets, type(self).__name__)
 
+    def resolve(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``kjt`` with the ids of the rows that read as their field's row 0 replaced by 0
+        (phase 'fixed', ``pruned_as="oov"``; otherwise ``kjt`` itself)."""
+        if self.phase != "fixed" or not self._aliased:
+            return kjt
+        ids = self.global_ids(kjt)  # [B, F]
+        local = kjt.values().view(len(self.fields), -1)
+        alias = self.read_as_oov.index_select(0, ids.t().reshape(-1)).view_as(local)
+        return KeyedJaggedTensor(keys=kjt.keys(), values=torch.where(alias, torch.zeros_like(local), local).reshape(-1),
+                                 lengths=kjt.lengths(), stride=kjt.stride())
+
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        kjt = self.resolve(kjt)
         rows = field_rows(self.ebc(kjt), self.fields, self.dim)
         # A batch looks its frequent rows up many times: quantize each distinct row once (the
         # quantization is a function of the row alone), then spread the results back out.

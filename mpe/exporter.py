@@ -62,7 +62,7 @@ def export_model(
     out = Path(out_dir)
     header = write_packed_export(
         out, emb.global_weight(), emb.bits_per_row(), emb.quantizer, description["fields"], description["field_offsets"],
-        extra_meta={**(extra_meta or {}), "bits_per_group": emb.bits_per_group().tolist()},
+        extra_meta={**(extra_meta or {}), "bits_per_group": emb.bits_per_group().tolist()}, pruned_as=emb.pruned_as,
     )
     atomic_torch_save(out / TOWER_FILE, model.tower.state_dict())
     atomic_write_json(out / TOWER_META, {
@@ -77,7 +77,8 @@ def export_model(
     if prepared is not None and vocabulary is not None:
         if list(prepared.fields) != list(description["fields"]) or prepared.num_features != header["num_rows"]:
             raise ValueError(f"{prepared.root}: not the prepared data of this model (other fields or rows)")
-        header[VOCAB_KEY] = write_vocabulary(out, prepared.root, prepared.manifest, emb.bits_per_row(), vocabulary)
+        header[VOCAB_KEY] = write_vocabulary(out, prepared.root, prepared.manifest, emb.bits_per_row(), vocabulary,
+                                             pruned_as=emb.pruned_as)
     header[BYTES_KEY] = byte_breakdown(header)
     header["deployable_bytes"] = header[BYTES_KEY]["deployable_total"] if VOCAB_KEY in header else None
     header[HEADER_DIGEST] = header_digest(header)

@@ -14,7 +14,9 @@ Directory layout (``schema_version`` 1, no pickle anywhere):
   rest of the header (catches edits and corruption of the header itself).
 
 A row at b bits decodes to ``code * steps[b] + offset``; a pruned row (0 bits) is the zero
-vector. The tower of a served model sits beside it as ``tower.pt`` (weights only) and
+vector, and a model reading the table by field (``mpe.serving``, ``mpe.program``) reads it as
+the header's ``pruned_as`` says (``mpe.bitwidths``): ``"oov"``, as its field's row 0 where that
+row has bits; ``"zero"`` (also when the key is absent), as the zero vector. The tower of a served model sits beside it as ``tower.pt`` (weights only) and
 ``tower.json``. ``mpe.reader.load_packed_export`` reads it back and reproduces
 ``LSQQuantizer.quantize_per_row`` bit for bit.
 

@@ -75,6 +75,7 @@ def build_model(data: PreparedDataset, cfg: MPEConfig, lam: float | None = None)
         tau=cfg.search.tau,
         lam=cfg.lambda_value() if lam is None else lam,
         pruned_rows=unseen_rows(freq) if 0 in cfg.search.candidates else None,
+        pruned_as=cfg.search.pruned_as,
     )
     return CTRModel(embedding, cfg.model.build_tower(len(data.fields)))
 

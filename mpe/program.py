@@ -249,44 +249,67 @@ class TorchPackedEmbedding(nn.Module):
             torch._check(starts[i] <= starts[i + 1])
             torch._check(starts[i + 1] <= n)
             counts.append(starts[i + 1] - starts[i])
-
-        def members(i: int) -> Tensor:
-            return order.narrow(0, starts[i], counts[i])
-
+        # every bucket decodes its ids' rows contiguously in grouped order; one gather by the
+        # inverse permutation then puts them back in id order (no per-bucket scatter)
+        grouped_rank = rank.index_select(0, order)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n, dtype=order.dtype))
+        plans = {plan.index: plan for plan in self.pair_plans}
+        code_buckets = dict(self.code_buckets)
+        out = torch.zeros(0, dim, dtype=torch.float32)
         if self.pair_plans:
-            # every id's D/2 pair-table indices; 0 (the zero pair) stays for pruned rows and for
-            # rows decoded code by code
-            rows = torch.zeros(n, dim // 2, dtype=torch.int32)
-            for plan in self.pair_plans:
-                i = plan.index
-                sel = members(i)
-                rows.index_copy_(0, sel, self._pair_indices(plan, rank.index_select(0, sel)).t())
-            index = rows.view(-1)
+            # every id's D/2 pair-table indices; 0 (the zero pair) for pruned rows and for rows
+            # decoded code by code
+            parts = []
+            for i in range(k):
+                r = grouped_rank.narrow(0, starts[i], counts[i])
+                if i in plans:
+                    parts.append(self._pair_indices(plans[i], r).t())
+                else:
+                    parts.append(torch.zeros(counts[i], dim // 2, dtype=torch.int32))
+            index = torch.cat(parts, 0).index_select(0, inverse).view(-1)
             out = self.pair_table.index_select(0, index).view(torch.float32).view(n, dim)
-        else:
+        if code_buckets:
+            parts = []
+            for i in range(k):
+                r = grouped_rank.narrow(0, starts[i], counts[i])
+                if i in code_buckets:
+                    parts.append(self._code_values(i, code_buckets[i], r))
+                else:
+                    parts.append(torch.zeros(counts[i], dim, dtype=torch.float32))
+            coded = torch.cat(parts, 0).index_select(0, inverse)
+            out = coded if not self.pair_plans else out + coded
+        elif not self.pair_plans:
             out = torch.zeros(n, dim, dtype=torch.float32)
-        for i, b in self.code_buckets:
-            sel = members(i)
-            out.index_copy_(0, sel, self._code_values(i, b, rank.index_select(0, sel)))
         return out.view(global_ids.shape + (dim,))
 
 
 class FieldEmbedding(nn.Module):
     """Per-field local ids int64 [B, F] -> float32 [B, F, D] through a ``TorchPackedEmbedding``
-    (field offsets baked in; an id outside its field's 0..cardinality-1 raises)."""
+    (field offsets baked in; an id outside its field's 0..cardinality-1 raises). A 0-bit row of
+    an ``oov_fields`` field (bool [F], ``PackedEmbedding.oov_fields``) reads as the field's row
+    0, as ``PackedEmbedding.resolve`` maps it."""
 
-    def __init__(self, table: TorchPackedEmbedding, field_offsets: Sequence[int]):
+    def __init__(self, table: TorchPackedEmbedding, field_offsets: Sequence[int], oov_fields: Sequence[bool] | None = None):
         super().__init__()
         offsets = [int(o) for o in field_offsets]
         cards = [b - a for a, b in zip(offsets, offsets[1:] + [table.num_rows], strict=True)]
         self.table = table
         self.register_buffer("field_offsets", torch.tensor(offsets, dtype=torch.int64))
         self.register_buffer("cardinalities", torch.tensor(cards, dtype=torch.int64))
+        alias = [bool(x) for x in oov_fields] if oov_fields is not None else [False] * len(offsets)
+        self.aliased = any(alias)
+        self.register_buffer("oov_fields", torch.tensor(alias, dtype=torch.bool))
+        zero = table.candidates.index(0) if 0 in table.candidates else 255
+        self.register_buffer("zero_bucket", torch.tensor(zero, dtype=torch.uint8))
 
     def forward(self, local_ids: Tensor) -> Tensor:
         inside = ((local_ids >= 0) & (local_ids < self.cardinalities)).all()
         torch._assert_async(inside, "local ids must lie in 0..cardinality-1 of their field")
-        rows = self.table((local_ids + self.field_offsets).reshape(-1))
+        ids = local_ids + self.field_offsets
+        if self.aliased:
+            pruned = self.table.bucket_of.index_select(0, ids.reshape(-1)).view_as(ids) == self.zero_bucket
+            ids = torch.where(pruned & self.oov_fields, self.field_offsets.expand_as(ids), ids)
+        rows = self.table(ids.reshape(-1))
         return rows.view(local_ids.shape[0], local_ids.shape[1], self.table.dim)
 
 
@@ -312,7 +335,7 @@ def capture(module: nn.Module, num_fields: int) -> torch.export.ExportedProgram:
 def capture_embedding(packed: PackedEmbedding, field_offsets: Sequence[int]) -> torch.export.ExportedProgram:
     """The embedding alone as a ``torch.export`` program: local ids int64 [B, F] -> float32
     [B, F, D] (what ``experiments.bench_serving`` times against the other lookups)."""
-    module = FieldEmbedding(TorchPackedEmbedding(packed), field_offsets)
+    module = FieldEmbedding(TorchPackedEmbedding(packed), field_offsets, packed.oov_fields.tolist())
     return capture(module, len(list(field_offsets)))
 
 
@@ -337,7 +360,8 @@ def build_served_program(export_dir: str | os.PathLike) -> tuple[ServedProgram, 
     served = load_served_model(export_dir)
     emb = served.embedding
     table = TorchPackedEmbedding(emb.packed)
-    program = ServedProgram(FieldEmbedding(table, emb.field_offsets.tolist()), served.tower).eval()
+    program = ServedProgram(FieldEmbedding(table, emb.field_offsets.tolist(), emb.packed.oov_fields.tolist()),
+                            served.tower).eval()
     for p in program.parameters():  # served, never trained: no autograd graph when called
         p.requires_grad_(False)
     return program, served

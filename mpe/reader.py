@@ -28,7 +28,7 @@ from torch import Tensor
 from data.artifacts import ArtifactError, load_npy, read_json, safe_child, verify_sha256
 from encoding.packing import KIND_IMPLICIT, IdSet, decode_id_map, unpack_codes
 from encoding.sizes import bucket_code_bytes
-from mpe.bitwidths import validate_candidates
+from mpe.bitwidths import PRUNED_AS, oov_fields, validate_candidates
 from mpe.format import (
     FORMAT,
     HEADER_DIGEST,
@@ -108,6 +108,22 @@ class PackedEmbedding:
         }
         self._offset_np = self.offset.numpy()
         self._native = _NativeTables(self)
+        self.pruned_as = str(header.get("pruned_as", "zero"))
+        zero = self.candidates.index(0) if 0 in self.candidates else -1
+        self.zero_bucket = zero
+        row0 = np.asarray([self.candidates[b] for b in self._bucket_of[self.field_offsets]], dtype=np.int64)
+        # bool [F]: the fields whose 0-bit rows read as their row 0 (``mpe.bitwidths.oov_fields``)
+        self.oov_fields = oov_fields(row0, self.pruned_as) if zero >= 0 else np.zeros(len(self.fields), dtype=bool)
+
+    def resolve(self, ids: Tensor) -> Tensor:
+        """int64 [B, F] global ids (field order) with every 0-bit row of an ``oov_fields`` field
+        replaced by that field's row 0: the rows a model reading by field looks up."""
+        if not self.oov_fields.any():
+            return ids
+        offsets = torch.as_tensor(self.field_offsets, dtype=torch.int64)
+        pruned = torch.from_numpy(self._bucket_of).index_select(0, ids.reshape(-1)).view(ids.shape) == self.zero_bucket
+        alias = pruned & torch.from_numpy(self.oov_fields)
+        return torch.where(alias, offsets.expand_as(ids), ids)
 
     def _build_locator(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(uint8 [N] bucket, uint8 [N] rank within its block, int32 [blocks, |B|] count before)."""
@@ -142,7 +158,8 @@ class PackedEmbedding:
     def lookup(self, global_ids: Tensor) -> Tensor:
         """float32 [n, D] rows of ``global_ids`` (LongTensor [n]; any shape S gives [*S, D]).
 
-        A b-bit row is ``code * steps[b] + offset``; a pruned row is the zero vector. Rows
+        A b-bit row is ``code * steps[b] + offset``; a pruned row is the zero vector (a model
+        reading by field first maps some of them to their field's row 0: ``resolve``). Rows
         are found through the locator, then every bucket's codes are gathered at once.
         """
         ids_t = torch.as_tensor(global_ids)
@@ -279,6 +296,8 @@ def _read_header(root: Path) -> dict[str, Any]:
             raise ValueError("bad files or fields")
         for info in header["files"].values():
             int(info["bytes"]), str(info["sha256"])
+        if header.get("pruned_as", "zero") not in PRUNED_AS:
+            raise ValueError(f"pruned_as {header.get('pruned_as')!r} is not one of {PRUNED_AS}")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise _fail(path, f"malformed header ({e})") from None
     return header

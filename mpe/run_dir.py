@@ -48,6 +48,7 @@ def model_description(model: CTRModel, cfg: MPEConfig, data: PreparedDataset) ->
         "candidates": list(emb.candidates),
         "mode": cfg.search.mode,
         "tau": cfg.search.tau,
+        "pruned_as": emb.pruned_as,
         "tower": cfg.model.tower,
         "hidden": list(cfg.model.hidden) if cfg.model.hidden else None,
     }
@@ -84,6 +85,7 @@ def load_model(run_dir: str | Path) -> tuple[CTRModel, dict]:
             state["embedding.group_of_row"].numpy(), state["embedding.penalty_weights"].numpy(),
             candidates=meta["candidates"], mode=meta["mode"], tau=meta["tau"],
             pruned_rows=state["embedding.pruned_rows"].numpy(),
+            pruned_as=meta.get("pruned_as", "zero"),  # runs written before the option: the zero vector
         )
         hidden = tuple(meta["hidden"]) if meta["hidden"] else None
         tower = ModelConfig(meta["tower"], hidden, meta["dim"]).build_tower(len(meta["fields"]))

@@ -54,7 +54,7 @@ class PackedEmbeddingModule(nn.Module):
         self.register_buffer("field_offsets", torch.as_tensor(list(field_offsets), dtype=torch.int64))
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        ids = global_ids(kjt, self.field_offsets, "the packed embedding")
+        ids = self.packed.resolve(global_ids(kjt, self.field_offsets, "the packed embedding"))
         return self.packed.lookup(ids.reshape(-1)).view(kjt.stride(), len(self.fields), -1)
 
     def num_bytes(self) -> int:

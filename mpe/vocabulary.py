@@ -11,8 +11,11 @@ Files (``mpe.format``), both recorded with sha256 and bytes under the header's `
   ``pruned``, ``start`` (its first word);
 - ``vocab.npy``: uint32, per field the fingerprints of the tokens of its rows stored at > 0
   bits, in ascending local id order (the rows themselves are implicit: the id map tells which
-  of the field's rows 1.. have bits > 0), then, in ``exact`` mode and only where the field's
-  OOV row (id 0) is stored at > 0 bits, the sorted fingerprints of its pruned (0-bit) tokens.
+  of the field's rows 1.. have bits > 0), then, in ``exact`` mode, only for an export whose
+  ``pruned_as`` is ``"zero"`` and only where the field's OOV row (id 0) is stored at > 0 bits,
+  the sorted fingerprints of its pruned (0-bit) tokens. Under ``pruned_as = "oov"`` (the
+  default of ``mpe.search``) a pruned row reads as the OOV row, as an unseen value does, so no
+  pruned token is ever stored and ``exact`` and ``compact`` are the same vocabulary.
 
 A token is what ``data.prepare`` looks up: the raw value of a categorical field (or of a
 ``bucket = "none"`` numeric one), the category of a bucketed numeric or datetime field (the
@@ -33,9 +36,9 @@ on the prepared rows); only a value never counted, or counted fewer than ``min_c
 can collide with a stored token: with probability ``stored / 2^32`` per lookup for a hashed
 token (~2.3e-6 for a field of 10,000 stored tokens), never for an 8-hex token.
 
-``compact`` mode stores the kept tokens only: a pruned token of a field whose OOV row has
-bits then gets the OOV row (not the zero vector the served model gives it), the smallest
-deployable export, close to but not bit-equal with the served model.
+``compact`` mode stores the kept tokens only: under ``pruned_as = "zero"``, a pruned token of a
+field whose OOV row has bits then gets the OOV row (not the zero vector the served model gives
+it), close to but not bit-equal with the served model.
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ def _boundaries(cuts: dict[str, Sequence[float]] | None) -> dict[str, np.ndarray
 def write_vocabulary(
     out_dir: str | os.PathLike, prepared_root: str | os.PathLike, manifest: dict[str, Any], bits_per_row: np.ndarray,
     mode: str = "exact",
+    pruned_as: str = "zero",
 ) -> dict[str, Any]:
     """Write ``preprocess.json`` and ``vocab.npy`` into the export ``out_dir`` (its header and id
     map already written) from the prepared directory it was trained on; return the header
@@ -187,7 +191,8 @@ def write_vocabulary(
         local_bits = bits[off : off + card]
         stored = np.flatnonzero(local_bits[1:] > 0)  # positions in ``tokens``; local id = +1
         pruned = np.flatnonzero(local_bits[1:] == 0)
-        store_pruned = mode == "exact" and local_bits[0] > 0 and pruned.size > 0
+        # a pruned token reads as the OOV row under pruned_as "oov": like an unseen one, not stored
+        store_pruned = mode == "exact" and pruned_as == "zero" and local_bits[0] > 0 and pruned.size > 0
         words, salt = choose_fingerprint(tokens) if len(tokens) else (1, 0)
         fp = fingerprints(tokens, words, salt) if len(tokens) else np.zeros(0, np.uint64)
         kept_fp = fp[stored]

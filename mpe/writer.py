@@ -19,7 +19,7 @@ from data.artifacts import (
 )
 from encoding.packing import encode_id_map, pack_codes
 from encoding.sizes import fp32_table_bytes
-from mpe.bitwidths import bits_to_indices, packed_size_breakdown
+from mpe.bitwidths import PRUNED_AS, bits_to_indices, packed_size_breakdown
 from mpe.format import (
     FORMAT,
     HEADER_DIGEST,
@@ -64,19 +64,23 @@ def write_packed_export(
     field_names: Sequence[str],
     field_offsets: Sequence[int],
     extra_meta: dict[str, Any] | None = None,
+    pruned_as: str = "zero",
 ) -> dict[str, Any]:
     """Write the bit-packed export of ``weight`` [N, D] (fp32 master rows) at ``bits_per_row``
     (int [N], bit values) and return its header.
 
     The files are written into a temporary sibling directory which then replaces
     ``out_dir`` as a whole (an existing ``out_dir`` and everything in it is replaced).
-    ``extra_meta`` (JSON-serialisable) is stored under ``header["meta"]``.
+    ``extra_meta`` (JSON-serialisable) is stored under ``header["meta"]``; ``pruned_as``
+    (``mpe.bitwidths.PRUNED_AS``) under ``header["pruned_as"]``: what a 0-bit row reads as.
     """
     out = Path(out_dir)
     weight = weight.detach().to(torch.float32).cpu()
     if weight.dim() != 2 or weight.shape[1] != quantizer.dim:
         raise ValueError(f"weight must be [N, {quantizer.dim}], got {tuple(weight.shape)}")
     num_rows, dim = int(weight.shape[0]), quantizer.dim
+    if pruned_as not in PRUNED_AS:
+        raise ValueError(f"pruned_as must be one of {PRUNED_AS}, got {pruned_as!r}")
     bits = np.asarray(bits_per_row)
     if bits.shape != (num_rows,):
         raise ValueError(f"bits_per_row has shape {bits.shape}, expected ({num_rows},)")
@@ -120,6 +124,7 @@ def write_packed_export(
             "fp32_bytes": int(fp32),
             "compression_ratio": fp32 / total,
             "mean_bits_per_row": float(np.mean(bits)),
+            "pruned_as": pruned_as,
             "meta": dict(extra_meta or {}),
         }
         header[HEADER_DIGEST] = header_digest(header)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
+from ctr.model import table_name
 from data import sources
 from mpe import pipeline, search
 from mpe.bitwidths import packed_table_bytes
@@ -18,7 +19,7 @@ def test_unseen_rows_look_up_as_zero_and_take_no_bytes():
     torch.manual_seed(0)
     pruned = np.array([False, True, False, False, True, False])  # field a rows 0-2, field b rows 3-5
     emb = MixedPrecisionEmbedding(["a", "b"], [3, 3], 4, np.array([0, 0, 1, 1, 0, 1]), np.ones(2),
-                                  pruned_rows=pruned)
+                                  pruned_rows=pruned, pruned_as="zero")
     emb.fix_bits([4, 6])
     kjt = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.tensor([1, 2, 0, 1]), torch.ones(4, dtype=torch.int32))
     rows = emb(kjt)  # example 0: rows a1 (pruned), b0 (= global 3); example 1: a2, b1 (= global 4, pruned)
@@ -30,6 +31,28 @@ def test_unseen_rows_look_up_as_zero_and_take_no_bytes():
     with pytest.raises(ValueError, match="0 among the candidate"):
         MixedPrecisionEmbedding(["a"], [2], 4, np.array([0, 0]), np.ones(1), candidates=(2, 4),
                                 pruned_rows=np.array([True, False]))
+
+
+def test_pruned_rows_read_as_their_fields_oov_row():
+    # field a rows 0-2 (row 0 in group 1: 4 bits), field b rows 3-5 (row 3 in group 0: pruned)
+    torch.manual_seed(0)
+    emb = MixedPrecisionEmbedding(["a", "b"], [3, 3], 4, np.array([1, 0, 1, 0, 0, 1]), np.ones(2))
+    assert emb.pruned_as == "oov"
+    emb.fix_bits([0, 4])
+    assert emb.read_as_oov.tolist() == [False, True, False, False, False, False]
+    kjt = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.tensor([1, 0, 1, 2]), torch.ones(4, dtype=torch.int32))
+    rows = emb(kjt)  # example 0: a1 (pruned, a0 has bits), a0; example 1: b1 (pruned, b0 too), b2
+    assert torch.equal(rows[0, 0], rows[1, 0]) and rows[0, 0].abs().sum() > 0
+    assert torch.equal(rows[0, 1], torch.zeros(4))
+    rows[0, 0].sum().backward()  # the gradient of a1's lookup reaches the OOV row a0, not a1
+    grad = emb.ebc.embedding_bags[table_name("a")].weight.grad
+    grad = grad.to_dense() if grad.is_sparse else grad
+    assert grad[0].abs().sum() > 0 and grad[1].abs().sum() == 0
+    zero = MixedPrecisionEmbedding(["a", "b"], [3, 3], 4, np.array([1, 0, 1, 0, 0, 1]), np.ones(2), pruned_as="zero")
+    zero.fix_bits([0, 4])
+    assert not zero.read_as_oov.any() and torch.equal(zero(kjt)[0, 0], torch.zeros(4))
+    emb.set_phase("search")  # the search reads every row as itself
+    assert not emb.read_as_oov.any()
 
 
 @pytest.mark.slow

@@ -55,7 +55,8 @@ def criteo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def avazu(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("avazu"), "avazu", 20000)
+    # the paper's zero vector for pruned rows: the exact vocabulary then stores pruned tokens
+    return _run(tmp_path_factory.mktemp("avazu"), "avazu", 20000, "--pruned-as", "zero")
 
 
 def _served(r: dict) -> np.ndarray:
@@ -208,17 +209,32 @@ def test_tampered_truncated_or_mixed_exports_are_refused(criteo, avazu, tmp_path
         load_scorer(e)
 
 
-def test_compact_vocabulary_is_smaller_and_close(criteo, tmp_path):
+def test_compact_vocabulary_is_smaller_and_close(avazu, tmp_path):
+    # pruned rows as the zero vector: compact drops the pruned tokens of fields whose OOV row has bits
+    out = tmp_path / "compact"
+    assert export_cli.main(["--run", str(avazu["run"]), "--out", str(out), "--vocabulary", "compact",
+                            "--no-torchrec", "--prepared", str(avazu["prepared"])]) == 0
+    exact = json.loads((avazu["export"] / HEADER_FILE).read_text())
+    compact = json.loads((out / HEADER_FILE).read_text())
+    assert exact["pruned_as"] == "zero" and exact[VOCAB_KEY]["pruned_tokens"] > 0
+    assert compact[VOCAB_KEY]["pruned_tokens"] == 0
+    assert compact["bytes"]["vocabulary"] < exact["bytes"]["vocabulary"]
+    rows = _test_rows(avazu["raw"], tmp_path / "rows.csv", header=True)
+    res = load_scorer(out).score([rows])
+    assert abs(res.metrics["auc"] - avazu["report"]["test"]["auc"]) < 0.01
+
+
+def test_pruned_as_oov_stores_kept_tokens_only(criteo, tmp_path):
+    # the default: a pruned value reads as its field's OOV row, like an unseen one, so the
+    # exact vocabulary is the compact one and still gives the served model's predictions
+    header = json.loads((criteo["export"] / HEADER_FILE).read_text())
+    assert header["pruned_as"] == "oov" and header[VOCAB_KEY]["pruned_tokens"] == 0
+    served = load_served_model(criteo["export"]).embedding.packed
+    assert served.oov_fields.any()  # some field keeps its OOV row: the alias is exercised
     out = tmp_path / "compact"
     assert export_cli.main(["--run", str(criteo["run"]), "--out", str(out), "--vocabulary", "compact",
                             "--no-torchrec", "--prepared", str(criteo["prepared"])]) == 0
-    exact = json.loads((criteo["export"] / HEADER_FILE).read_text())
-    compact = json.loads((out / HEADER_FILE).read_text())
-    assert compact[VOCAB_KEY]["pruned_tokens"] == 0
-    assert compact["bytes"]["vocabulary"] < exact["bytes"]["vocabulary"]
-    rows = _test_rows(criteo["raw"], tmp_path / "rows.txt", header=False)
-    res = load_scorer(out).score([rows])
-    assert abs(res.metrics["auc"] - criteo["report"]["test"]["auc"]) < 0.01
+    assert (out / "vocab.npy").read_bytes() == (criteo["export"] / "vocab.npy").read_bytes()
 
 
 def test_fingerprints_hex_tokens_exact_and_salted_collisions():
