@@ -36,7 +36,14 @@ from torchrec import KeyedJaggedTensor
 from ctr.model import DEFAULT_INIT_STD, build_ebc, field_rows, table_name
 from data.layout import field_offsets, global_ids
 from encoding.sizes import fp32_table_bytes
-from mpe.bitwidths import DEFAULT_CANDIDATES, DEFAULT_PRUNED_AS, PRUNED_AS, oov_alias, packed_table_bytes, validate_candidates
+from mpe.bitwidths import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_PRUNED_AS,
+    PRUNED_AS,
+    oov_alias,
+    packed_table_bytes,
+    validate_candidates,
+)
 from mpe.multiplier import SizeMultiplier
 from mpe.quantizer import LSQQuantizer
 
