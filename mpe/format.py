@@ -59,7 +59,7 @@ VOCAB_FILE = "vocab.npy"  # uint32 token fingerprints of the kept features (mpe.
 PREPROCESS_FILE = "preprocess.json"  # schema, cut points, per-field vocabulary layout
 VOCAB_KEY = "vocabulary"  # the header's entry describing VOCAB_FILE and PREPROCESS_FILE
 VOCAB_FORMAT = "mpe-vocabulary"
-VOCAB_SCHEMA_VERSION = 1
+VOCAB_SCHEMA_VERSION = 2  # 2: fingerprints of 2, 3, 4 or 8 bytes (uint8 vocab.npy)
 BYTES_KEY = "bytes"  # the header's byte breakdown (codes, id_map, steps_offset, vocabulary, tower, totals)
 
 

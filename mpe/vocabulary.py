@@ -7,24 +7,27 @@ Files (``mpe.format``), both recorded with sha256 and bytes under the header's `
   Criteo / Avazu), the ``quantile:N`` cut points, ``data.prepare``'s parameters (min_count, ...),
   the fields and cardinalities, the sha256 of the export's id map and of the prepared
   directory's manifest (binding the vocabulary to this export), and per field its layout in
-  ``vocab.npy``: ``words`` (1: 32-bit fingerprints, 2: 64-bit), ``salt``, ``kept``,
-  ``pruned``, ``start`` (its first word);
-- ``vocab.npy``: uint32, per field the fingerprints of the tokens of its rows stored at > 0
-  bits, in ascending local id order (the rows themselves are implicit: the id map tells which
-  of the field's rows 1.. have bits > 0), then, in ``exact`` mode, only for an export whose
-  ``pruned_as`` is ``"zero"`` and only where the field's OOV row (id 0) is stored at > 0 bits,
-  the sorted fingerprints of its pruned (0-bit) tokens. Under ``pruned_as = "oov"`` (the
-  default of ``mpe.search``) a pruned row reads as the OOV row, as an unseen value does, so no
-  pruned token is ever stored and ``exact`` and ``compact`` are the same vocabulary.
+  ``vocab.npy``: ``width`` (bytes per fingerprint: 2, 3, 4 or 8), ``salt``, ``kept``,
+  ``pruned``, ``start`` (its first byte);
+- ``vocab.npy``: uint8, per field the fingerprints (little-endian, ``width`` bytes each) of the
+  tokens of its rows stored at > 0 bits, in ascending local id order (the rows themselves are
+  implicit: the id map tells which of the field's rows 1.. have bits > 0), then, in ``exact``
+  mode, only for an export whose ``pruned_as`` is ``"zero"`` and only where the field's OOV
+  row (id 0) is stored at > 0 bits, the sorted fingerprints of its pruned (0-bit) tokens. Under
+  ``pruned_as = "oov"`` (the default of ``mpe.search``) a pruned row reads as the OOV row, as an
+  unseen value does, so no pruned token is ever stored and ``exact`` and ``compact`` are the
+  same vocabulary.
 
 A token is what ``data.prepare`` looks up: the raw value of a categorical field (or of a
 ``bucket = "none"`` numeric one), the category of a bucketed numeric or datetime field (the
-same transforms, ``data.prepare.field_plans`` with the recorded cut points). Its 32-bit
-fingerprint: an 8-character lowercase hex token (Criteo's categorical values) is its own
-value, exactly; any other token the low 32 bits of ``splitmix64(string_keys(token) ^ salt)``.
-The salt (0..15) is the first one under which every token of the field's prepared vocabulary
-(kept or pruned, so every value counted in preparation) has a distinct fingerprint; a field
-where none does uses 64-bit fingerprints (two words per token).
+same transforms, ``data.prepare.field_plans`` with the recorded cut points). Its fingerprint
+of ``width`` bytes: the low ``8 * width`` bits of ``splitmix64(string_keys(token) ^ salt)``;
+at width 4 an 8-character lowercase hex token (Criteo's categorical values) is its own value
+instead. A field's width is the narrowest of 2, 3, 4 bytes whose false-hit rate (stored tokens
+/ 2^(8 width), the chance that a value never counted reads as a stored row) is at most
+``FALSE_HIT_RATE`` = 1e-4 and where one of 16 salts makes the stored fingerprints distinct
+and different from every other token counted in preparation; otherwise 8 bytes. So a field of
+up to 1,677 stored tokens takes 3 bytes per token, one of up to 429,496 takes 4.
 
 Lookup of a token: its fingerprint found among the field's kept tokens -> that row; among its
 pruned tokens -> a 0-bit row of the field (the zero vector, as the served model gives it);
@@ -33,8 +36,8 @@ or never. Where the OOV row itself has 0 bits, pruned and unseen tokens both dec
 zero vector, so the pruned tokens are not stored. Every value counted in preparation
 therefore maps exactly as in the prepared data (the predictions equal ``load_served_model``'s
 on the prepared rows); only a value never counted, or counted fewer than ``min_count`` times,
-can collide with a stored token: with probability ``stored / 2^32`` per lookup for a hashed
-token (~2.3e-6 for a field of 10,000 stored tokens), never for an 8-hex token.
+can hit a stored fingerprint: with probability stored / 2^(8 width) <= 1e-4 per lookup (never
+an 8-hex token against an 8-hex token at width 4).
 
 ``compact`` mode stores the kept tokens only: under ``pruned_as = "zero"``, a pruned token of a
 field whose OOV row has bits then gets the OOV row (not the zero vector the served model gives
@@ -82,6 +85,8 @@ from mpe.format import (
 PREPROCESS_FORMAT = "mpe-preprocess"
 VOCAB_MODES = ("exact", "compact")
 MAX_SALTS = 16
+WIDTHS = (2, 3, 4, 8)  # fingerprint bytes
+FALSE_HIT_RATE = 1e-4  # the largest share of never-counted values that may read as a kept row
 _LOW32 = np.uint64(0xFFFFFFFF)
 _HEX_LUT = np.full(256, -1, dtype=np.int16)
 _HEX_LUT[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
@@ -115,40 +120,54 @@ def _hex8(tokens: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return value, mask
 
 
-def fingerprints(tokens: pa.Array, words: int, salt: int) -> np.ndarray:
-    """uint64 fingerprints of ``tokens`` (utf8, no nulls): 32-bit (``words`` 1; 8-hex tokens are
-    their value) or 64-bit (``words`` 2) under ``salt`` (see the module docstring)."""
+def fingerprints(tokens: pa.Array, width: int, salt: int) -> np.ndarray:
+    """uint64 fingerprints of ``tokens`` (utf8, no nulls), ``width`` bytes each (``WIDTHS``)
+    under ``salt``: the low ``8 * width`` bits of ``splitmix64(string_keys(token) ^ salt)``,
+    except at width 4 an 8-hex token, which is its own value (see the module docstring)."""
+    if width not in WIDTHS:
+        raise ValueError(f"fingerprint width must be one of {WIDTHS} bytes, got {width}")
     mix = splitmix64(np.array([salt], dtype=np.uint64))[0]
     h = splitmix64(string_keys(tokens.cast(pa.string())) ^ mix)
-    if words == 2:
+    if width == 8:
         return h
-    fp = h & _LOW32
-    value, is_hex = _hex8(tokens)
-    fp[is_hex] = value[is_hex]
+    fp = h & np.uint64((1 << (8 * width)) - 1)
+    if width == 4:
+        value, is_hex = _hex8(tokens)
+        fp[is_hex] = value[is_hex]
     return fp
 
 
-def choose_fingerprint(tokens: pa.Array) -> tuple[int, int]:
-    """``(words, salt)``: the first salt under which the 32-bit fingerprints of ``tokens`` (a
-    field's every prepared token) are distinct, else 64-bit ones. ``RuntimeError`` when even
-    those collide (two strings with one 64-bit key)."""
-    n = len(tokens)
-    for salt in range(MAX_SALTS):
-        if np.unique(fingerprints(tokens, 1, salt)).size == n:
-            return 1, salt
-    if np.unique(fingerprints(tokens, 2, 0)).size == n:
-        return 2, 0
-    raise RuntimeError(f"{n} tokens whose 64-bit keys collide")
+def choose_fingerprint(tokens: pa.Array, stored: np.ndarray) -> tuple[int, int]:
+    """``(width, salt)`` of a field whose prepared tokens are ``tokens`` (every value counted in
+    preparation) and whose vocabulary stores those of ``stored`` (bool mask): the narrowest
+    width whose false-hit rate ``stored.sum() / 2^(8 width)`` is at most ``FALSE_HIT_RATE``
+    (64-bit ones always qualify) and, at it, the first salt under which the stored tokens'
+    fingerprints are distinct and no other token's equals one of them. ``RuntimeError`` when
+    even 64-bit fingerprints fail (two strings with one 64-bit key)."""
+    stored = np.asarray(stored, dtype=bool)
+    n_stored = int(stored.sum())
+    for width in WIDTHS:
+        if width < 8 and n_stored > FALSE_HIT_RATE * 2.0 ** (8 * width):
+            continue
+        for salt in range(MAX_SALTS if width < 8 else 1):
+            fp = fingerprints(tokens, width, salt)
+            keys = fp[stored]
+            if np.unique(keys).size == keys.size and not np.isin(fp[~stored], keys).any():
+                return width, salt
+    raise RuntimeError(f"{len(tokens)} tokens whose 64-bit keys collide")
 
 
-def _to_words(fp: np.ndarray, words: int) -> np.ndarray:
-    fp = np.ascontiguousarray(fp, dtype=np.uint64)
-    return fp.astype(np.uint32) if words == 1 else fp.view(np.uint32)
+def _to_bytes(fp: np.ndarray, width: int) -> np.ndarray:
+    """uint8 [n * width]: the fingerprints little-endian, ``width`` bytes each."""
+    fp = np.ascontiguousarray(fp, dtype="<u8")
+    return np.ascontiguousarray(fp.view(np.uint8).reshape(-1, 8)[:, :width]).reshape(-1)
 
 
-def _from_words(w: np.ndarray, words: int) -> np.ndarray:
-    w = np.ascontiguousarray(w, dtype=np.uint32)
-    return w.astype(np.uint64) if words == 1 else w.view(np.uint64)
+def _from_bytes(b: np.ndarray, width: int) -> np.ndarray:
+    """uint64 [n] fingerprints of ``_to_bytes``'s layout."""
+    rows = np.zeros((b.size // width, 8), dtype=np.uint8)
+    rows[:, :width] = np.asarray(b, dtype=np.uint8).reshape(-1, width)
+    return rows.view("<u8").reshape(-1).astype(np.uint64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,20 +212,22 @@ def write_vocabulary(
         pruned = np.flatnonzero(local_bits[1:] == 0)
         # a pruned token reads as the OOV row under pruned_as "oov": like an unseen one, not stored
         store_pruned = mode == "exact" and pruned_as == "zero" and local_bits[0] > 0 and pruned.size > 0
-        words, salt = choose_fingerprint(tokens) if len(tokens) else (1, 0)
-        fp = fingerprints(tokens, words, salt) if len(tokens) else np.zeros(0, np.uint64)
+        keep = local_bits[1:] > 0
+        mask = keep | (local_bits[1:] == 0) if store_pruned else keep
+        width, salt = choose_fingerprint(tokens, mask) if len(tokens) else (WIDTHS[0], 0)
+        fp = fingerprints(tokens, width, salt) if len(tokens) else np.zeros(0, np.uint64)
         kept_fp = fp[stored]
         pruned_fp = np.sort(fp[pruned]) if store_pruned else np.zeros(0, np.uint64)
-        block = np.concatenate([_to_words(kept_fp, words), _to_words(pruned_fp, words)])
+        block = np.concatenate([_to_bytes(kept_fp, width), _to_bytes(pruned_fp, width)])
         parts.append(block)
         entries.append({
-            "field": plan.name, "source": plan.source, "words": words, "salt": salt, "start": start,
+            "field": plan.name, "source": plan.source, "width": width, "salt": salt, "start": start,
             "kept": int(stored.size), "pruned": int(pruned_fp.size), "tokens": int(len(tokens)),
             "oov_bits": int(local_bits[0]), "pruned_not_stored": int(pruned.size - pruned_fp.size),
         })
         start += block.size
-    words_all = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
-    atomic_write_npy(out / VOCAB_FILE, np.ascontiguousarray(words_all, dtype=np.uint32))
+    bytes_all = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    atomic_write_npy(out / VOCAB_FILE, np.ascontiguousarray(bytes_all, dtype=np.uint8))
     header = read_json(out / HEADER_FILE)
     preprocess = {
         "format": PREPROCESS_FORMAT, "schema_version": VOCAB_SCHEMA_VERSION, "mode": mode,
@@ -216,7 +237,7 @@ def write_vocabulary(
         "fields": list(fields), "cardinalities": [int(c) for c in cards],
         "id_map_sha256": header["files"][ID_MAP_FILE]["sha256"],
         "prepared_manifest_sha256": manifest.get(MANIFEST_DIGEST),
-        "vocabulary": entries, "words": int(words_all.size),
+        "vocabulary": entries, "bytes": int(bytes_all.size),
     }
     atomic_write_json(out / PREPROCESS_FILE, preprocess)
     return {
@@ -236,7 +257,7 @@ class FieldVocabulary:
     """One field's lookup: sorted fingerprints and their local ids (0 when not found)."""
 
     plan: FieldPlan
-    words: int
+    width: int
     salt: int
     keys: np.ndarray  # uint64, sorted
     rows: np.ndarray  # int64 local ids, aligned with keys
@@ -246,7 +267,7 @@ class FieldVocabulary:
         tokens = values if self.plan.categories is None else self.plan.categories(values)
         if len(self.keys) == 0 or len(tokens) == 0:
             return np.zeros(len(tokens), dtype=np.int64)
-        fp = fingerprints(tokens, self.words, self.salt)
+        fp = fingerprints(tokens, self.width, self.salt)
         pos = np.minimum(np.searchsorted(self.keys, fp), len(self.keys) - 1)
         return np.where(self.keys[pos] == fp, self.rows[pos], 0)
 
@@ -295,7 +316,8 @@ def load_vocabulary(export_dir: str | os.PathLike, header: dict[str, Any], bits_
                     "re-export it with `python -m mpe.export --run RUN --out DIR --prepared PREPARED_DIR`")
     try:
         if entry["format"] != VOCAB_FORMAT or entry["schema_version"] != VOCAB_SCHEMA_VERSION:
-            raise ValueError(f"format {entry['format']!r} v{entry['schema_version']!r}")
+            raise ValueError(f"format {entry['format']!r} v{entry['schema_version']!r}, this version reads "
+                             f"v{VOCAB_SCHEMA_VERSION}: re-export with `python -m mpe.export`")
         files = [(str(entry["file"]), int(entry["bytes"]), str(entry["sha256"])),
                  (str(entry["preprocess"]["file"]), int(entry["preprocess"]["bytes"]), str(entry["preprocess"]["sha256"]))]
     except (KeyError, TypeError, ValueError) as e:
@@ -315,9 +337,9 @@ def load_vocabulary(export_dir: str | os.PathLike, header: dict[str, Any], bits_
         raise _fail(pre_path, "not an export's preprocessing description")
     if pre.get("id_map_sha256") != header["files"][ID_MAP_FILE]["sha256"] or pre.get("fields") != header["fields"]:
         raise _fail(pre_path, "belongs to another export (its id map or fields differ); mixed up")
-    words_all = load_npy(vocab_path)
-    if words_all.dtype != np.uint32 or words_all.ndim != 1 or words_all.size != pre.get("words"):
-        raise _fail(vocab_path, f"expected uint32 [{pre.get('words')}], got {words_all.dtype} {words_all.shape}")
+    bytes_all = load_npy(vocab_path)
+    if bytes_all.dtype != np.uint8 or bytes_all.ndim != 1 or bytes_all.size != pre.get("bytes"):
+        raise _fail(vocab_path, f"expected uint8 [{pre.get('bytes')}], got {bytes_all.dtype} {bytes_all.shape}")
     try:
         schema = get_schema(pre["dataset"]) if pre["builtin"] else schema_from_dict(pre["schema"])
         if schema.digest != pre["schema_sha256"]:
@@ -333,20 +355,20 @@ def load_vocabulary(export_dir: str | os.PathLike, header: dict[str, Any], bits_
             local = np.asarray(bits_per_row[off : off + card])
             kept_rows = np.flatnonzero(local[1:] > 0) + 1
             zero_rows = np.flatnonzero(local[1:] == 0) + 1
-            words, salt, start = int(e["words"]), int(e["salt"]), int(e["start"])
+            width, salt, start = int(e["width"]), int(e["salt"]), int(e["start"])
             kept, pruned = int(e["kept"]), int(e["pruned"])
-            if e["field"] != plan.name or words not in (1, 2) or kept != kept_rows.size or pruned > zero_rows.size:
+            if e["field"] != plan.name or width not in WIDTHS or kept != kept_rows.size or pruned > zero_rows.size:
                 raise ValueError(f"field {plan.name}: {kept} kept tokens for {kept_rows.size} stored rows")
-            block = words_all[start : start + words * (kept + pruned)]
-            if block.size != words * (kept + pruned):
+            block = bytes_all[start : start + width * (kept + pruned)]
+            if block.size != width * (kept + pruned):
                 raise ValueError(f"field {plan.name}: vocab.npy is too short")
-            fp = _from_words(block, words)
+            fp = _from_bytes(block, width)
             rows = np.concatenate([kept_rows, np.full(pruned, zero_rows[0] if pruned else 0, dtype=np.int64)])
             order = np.argsort(fp, kind="stable")
             keys = fp[order]
             if keys.size > 1 and bool((keys[1:] == keys[:-1]).any()):
                 raise ValueError(f"field {plan.name}: duplicate fingerprints")
-            out.append(FieldVocabulary(plan, words, salt, keys, rows[order].astype(np.int64)))
+            out.append(FieldVocabulary(plan, width, salt, keys, rows[order].astype(np.int64)))
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise _fail(pre_path, f"does not match this export ({e})") from None
     return ExportVocabulary(schema, out, pre, int(entry["bytes"]) + int(entry["preprocess"]["bytes"]))

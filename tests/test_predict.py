@@ -95,9 +95,15 @@ def test_header_and_report_break_bytes_down(criteo):
     assert header["deployable_bytes"] == b["deployable_total"] == b["embedding_total"] + b["vocabulary"] + b["tower"]
     report = criteo["report"]
     assert report["bytes"] == b and report["compression_ratio"] == report["fp32_bytes"] / b["embedding_total"]
-    # the vocabulary stores the kept tokens: one uint32 each (plus pruned ones where the OOV row has bits)
+    # the vocabulary stores the kept tokens, `width` bytes each: the narrowest of 2, 3, 4 whose
+    # false-hit rate (stored / 2^(8 width)) is at most 1e-4, so 3 bytes for up to 1,677 tokens
     v = header[VOCAB_KEY]
-    assert v["bytes"] == 128 + 4 * (v["kept_tokens"] + v["pruned_tokens"])
+    fields = json.loads((criteo["export"] / "preprocess.json").read_text())["vocabulary"]
+    assert v["bytes"] == 128 + sum(f["width"] * (f["kept"] + f["pruned"]) for f in fields)
+    for f in fields:
+        stored = f["kept"] + f["pruned"]
+        assert stored <= 1e-4 * 2.0 ** (8 * f["width"]) and (f["width"] == 2 or stored > 1e-4 * 2.0 ** (8 * f["width"] - 8))
+    assert v["bytes"] < 128 + 4 * (v["kept_tokens"] + v["pruned_tokens"])
 
 
 def test_unlabeled_criteo_test_file_is_scored(criteo, tmp_path):
@@ -241,13 +247,27 @@ def test_fingerprints_hex_tokens_exact_and_salted_collisions():
     import pyarrow as pa
 
     hexes = pa.array(["0000002a", "ffffffff", "68fd1e64", "", "ABCDEF01", "1234567"])
-    fp = fingerprints(hexes, 1, 0)
+    fp = fingerprints(hexes, 4, 0)
     assert fp[:3].tolist() == [0x2A, 0xFFFFFFFF, 0x68FD1E64]
     assert fp.max() < 2**32
-    assert not np.array_equal(fingerprints(hexes, 1, 1)[3:], fp[3:])  # the salt moves hashed tokens only
-    assert np.array_equal(fingerprints(hexes, 1, 1)[:3], fp[:3])
-    words, salt = choose_fingerprint(pa.array([str(i) for i in range(50_000)]))
-    assert words == 1 and 0 <= salt < 16
+    assert not np.array_equal(fingerprints(hexes, 4, 1)[3:], fp[3:])  # the salt moves hashed tokens only
+    assert np.array_equal(fingerprints(hexes, 4, 1)[:3], fp[:3])
+    assert fingerprints(hexes, 3, 0).max() < 2**24 and fingerprints(hexes, 2, 0).max() < 2**16
+    tokens = pa.array([str(i) for i in range(50_000)])
+    # 1,000 stored of 50,000 counted: 3 bytes (1,000 / 2^24 <= 1e-4), stored ones distinct and
+    # no other counted token on a stored fingerprint
+    stored = np.zeros(50_000, dtype=bool)
+    stored[::50] = True
+    width, salt = choose_fingerprint(tokens, stored)
+    assert width == 3 and 0 <= salt < 16
+    f = fingerprints(tokens, width, salt)
+    assert np.unique(f[stored]).size == 1_000 and not np.isin(f[~stored], f[stored]).any()
+    # the false-hit rate measured on 200,000 values never counted: about 1,000 / 2^24 = 6e-5
+    unseen = fingerprints(pa.array([f"x{i}" for i in range(200_000)]), width, salt)
+    rate = np.isin(unseen, f[stored]).mean()
+    assert rate < 2e-4
+    assert choose_fingerprint(tokens, np.ones(50_000, dtype=bool))[0] == 4  # 50,000 stored: 4 bytes
+    assert choose_fingerprint(tokens[:6], np.ones(6, dtype=bool))[0] == 2  # 6 / 2^16 <= 1e-4
 
 
 @pytest.mark.slow
