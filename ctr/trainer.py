@@ -303,7 +303,10 @@ class Trainer:
         if n_batches == 0:
             raise ValueError("the training split is empty")
         eval_every = max(1, math.ceil(n_batches / max(1, cfg.evals_per_epoch)))
-        best_state = copy.deepcopy(self.model.state_dict())
+        # the best weights, copied only when training moves on from them (None: the model's own
+        # weights are the best, or no validation has run yet): one copy of the tables at most,
+        # none for a run whose last validation is its best
+        best_state: dict | None = None
         history: list[dict] = []
         start_epoch, start_batch, step = 0, 0, 0
         best = {"auc": -math.inf, "logloss": math.inf, "step": 0}
@@ -330,6 +333,8 @@ class Trainer:
             bar = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=quiet,
                        leave=False, unit="batch")
             for b, (kjt, labels) in enumerate(batches, start=first):
+                if best_state is None and best["step"] == step and history:
+                    best_state = copy.deepcopy(self.model.state_dict())  # the next step leaves the best
                 ts = time.perf_counter()
                 loss = self._step(kjt, labels, step)
                 step_time += time.perf_counter() - ts
@@ -348,7 +353,7 @@ class Trainer:
                     improved = m["auc"] > best["auc"] or math.isnan(best["auc"])
                     if improved:
                         best = {"auc": m["auc"], "logloss": m["logloss"], "step": step}
-                        best_state = copy.deepcopy(self.model.state_dict())
+                        best_state = None  # the model holds the best weights until the next step
                         bad_evals = 0
                     else:
                         bad_evals += 1
@@ -356,7 +361,7 @@ class Trainer:
                         bar.write(f"  step {step}: val auc {m['auc']:.5f} logloss {m['logloss']:.5f}" + (" *" if improved else ""))
                     next_pos = (epoch + 1, 0) if last else (epoch, b + 1)
                     position = {"epoch": next_pos[0], "batch": next_pos[1], "step": step, "best": best, "bad_evals": bad_evals}
-                    self.save_checkpoint(position, best_state, history)
+                    self.save_checkpoint(position, self.model.state_dict() if best_state is None else best_state, history)
                     if bad_evals >= cfg.patience:
                         stopped = True
                         break
@@ -364,7 +369,9 @@ class Trainer:
             if stopped:
                 self.log(f"early stop: no validation AUC gain in {cfg.patience} validations")
                 break
-        self.model.load_state_dict(best_state)
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+            del best_state
         if self.model is not self.target:
             full = (distributed.full_state_dict(self.model, self.dist) if self.dist is not None
                     else self.model.state_dict())

@@ -110,6 +110,7 @@ class MixedPrecisionEmbedding(nn.Module):
             raise ValueError(f"pruned_rows has shape {pruned.shape}, expected ({num_rows},)")
         if pruned.any() and 0 not in self.candidates:
             raise ValueError(f"pruned rows need 0 among the candidate bit-widths, got {self.candidates}")
+        self.init_std = init_std
         self.ebc = build_ebc(self.fields, self.cardinalities, dim, init_std)
         self.register_buffer("field_offsets", torch.from_numpy(field_offsets(self.cardinalities)))
         self.register_buffer("group_of_row", torch.from_numpy(group_of_row))
@@ -165,6 +166,18 @@ class MixedPrecisionEmbedding(nn.Module):
         with torch.no_grad():
             for f, start, card in zip(self.fields, self.field_offsets.tolist(), self.cardinalities, strict=True):
                 self.ebc.embedding_bags[table_name(f)].weight.copy_(weight[start : start + card])
+
+    def reinitialize_rows(self, seed: int) -> None:
+        """Redraw the master rows as construction drew them right after ``torch.manual_seed(seed)``
+        (the pre-search init of the retrain, rebuilt instead of kept: no copy of the tables is
+        held through the search). The global RNG state is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = build_ebc(self.fields, self.cardinalities, self.dim, self.init_std)
+        with torch.no_grad():
+            for f in self.fields:
+                self.ebc.embedding_bags[table_name(f)].weight.copy_(fresh.embedding_bags[table_name(f)].weight)
+                del fresh.embedding_bags[table_name(f)]  # one field's copy at a time
 
     def probabilities(self) -> torch.Tensor:
         """float [G, |B|]: each group's distribution over the candidate bit-widths."""

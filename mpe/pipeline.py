@@ -148,12 +148,13 @@ def _zero_pruned(emb: MixedPrecisionEmbedding, bits: np.ndarray) -> np.ndarray:
 
 
 def retrain(
-    model: CTRModel, init_weight: torch.Tensor, bits: np.ndarray, data: PreparedDataset, cfg: MPEConfig,
+    model: CTRModel, bits: np.ndarray, data: PreparedDataset, cfg: MPEConfig,
     out: Path | None, resume: bool = False, dist: DistEnv | None = None,
 ) -> FitResult:
-    """Rows back to their pre-search values, bit-widths frozen, tower/steps/offset kept, fresh Adam."""
+    """Rows back to their pre-search values (``build_model``'s, redrawn from ``cfg.train.seed``),
+    bit-widths frozen, tower/steps/offset kept, fresh Adam."""
     emb: MixedPrecisionEmbedding = model.embedding
-    emb.load_global_weight(init_weight)
+    emb.reinitialize_rows(cfg.train.seed)
     emb.fix_bits(bits)
     trainer = Trainer(model, stage_train_config(cfg), mpe_optimizers(cfg), out_dir=out, log=_log(cfg), dist=dist)
     return trainer.fit(data.split("train"), data.split("val"), data.fields, resume=resume)
@@ -381,7 +382,6 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
     lam, trials = stage_lambda(data, cfg, stages, dist)
     model = build_model(data, cfg, lam=lam)
     emb: MixedPrecisionEmbedding = model.embedding
-    init_weight = emb.global_weight()
     log(f"MPE search on {data.dataset}: {data.num_features:,} features in {emb.num_groups} groups, "
         f"bits {list(emb.candidates)}, mode {cfg.search.mode}, lambda {lam:.3g}")
     search_fit, budget_record = stage_multiplier(model, data, cfg, stages, out, resume, dist)
@@ -391,7 +391,7 @@ def run(data: PreparedDataset, cfg: MPEConfig, out: Path, resume: bool = False,
     bits, sel_info = stage_select(model, data, cfg, stages)
     rank_digests = check_ranks_agree(bits, dist)
     log(f"selected ({cfg.search.selection}): mean {float(np.mean(bits)):.3f} bits per group")
-    retrain_fit = retrain(model, init_weight, bits, data, cfg, out / RETRAIN_DIR, resume=resume, dist=dist)
+    retrain_fit = retrain(model, bits, data, cfg, out / RETRAIN_DIR, resume=resume, dist=dist)
     test = evaluate(model, data.split("test"), data.fields)
     fp32 = fp32_baseline(data, cfg, dist) if cfg.fp32_baseline else None
     if not main:

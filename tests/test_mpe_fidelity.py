@@ -93,3 +93,17 @@ def test_selection_follows_frequency_and_is_stable_across_seeds(tmp_path):
     assert min(correlations) >= 0.3, (correlations, [b.tolist() for b in chosen])
     for bits in chosen:  # the rarer half never keeps more bits than the more frequent half
         assert bits[:32].mean() <= bits[32:].mean()
+
+
+def test_retrain_rows_restart_from_the_pre_search_init():
+    # the retrain redraws build_model's initial rows from the seed instead of keeping a copy
+    torch.manual_seed(7)
+    emb = MixedPrecisionEmbedding(["a", "b"], [5, 4], 4, np.zeros(9, dtype=np.int64), np.ones(1))
+    init = emb.global_weight()
+    emb.load_global_weight(torch.randn(9, 4))
+    state = torch.get_rng_state()
+    emb.reinitialize_rows(7)
+    assert torch.equal(emb.global_weight(), init)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    emb.reinitialize_rows(8)
+    assert not torch.equal(emb.global_weight(), init)
