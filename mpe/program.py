@@ -27,7 +27,8 @@ in float32 (``PackedEmbedding.code_values``), plus the offset in float32.
 
 Each step is one ATen kernel and a full pass over its data, where the compiled decoder does a
 row in registers: on the development machine the exported program does about 0.4x the
-lookups/s of an fp32 ``EmbeddingBagCollection`` at batch 4096 (``experiments.bench_serving``).
+lookups/s of an fp32 ``EmbeddingBagCollection`` at batch 4096 (``experiments.bench_serving``;
+0.38-0.39x measured with the other core loaded).
 
 ``ServedProgram`` maps per-field local ids int64 [B, F] (the field offsets are baked in;
 every id is checked against its field's cardinality) to click probabilities float32 [B]
