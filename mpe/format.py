@@ -28,7 +28,7 @@ valid, and the packed payload's ``files`` / ``total_bytes`` never include it.
 
 A deployable export (``mpe.vocabulary``; written by ``mpe.exporter.export_model`` when it has
 the prepared data) also holds ``preprocess.json`` (the schema, the bucketing cut points, the
-per-field vocabulary layout) and ``vocab.npy`` (uint32: the 32-bit fingerprints of the kept
+per-field vocabulary layout) and ``vocab.npy`` (uint8: the 2-8-byte fingerprints of the kept
 features' tokens): ``python -m mpe.predict`` scores raw rows from the export alone. The header
 records them under ``vocabulary``, the tower under ``tower`` (sha256 and bytes of
 ``tower.json`` and ``tower.pt``), and the byte breakdown under ``bytes`` (codes, id map,
@@ -55,7 +55,7 @@ PROGRAM_KEY = "program"  # the header's entry describing PROGRAM_FILE
 PROGRAM_FORMAT = "mpe-served-program"
 PROGRAM_SCHEMA_VERSION = 1
 TOWER_KEY = "tower"  # the header's entry: sha256 / bytes of tower.json and tower.pt
-VOCAB_FILE = "vocab.npy"  # uint32 token fingerprints of the kept features (mpe.vocabulary)
+VOCAB_FILE = "vocab.npy"  # uint8 token fingerprints of the kept features (mpe.vocabulary)
 PREPROCESS_FILE = "preprocess.json"  # schema, cut points, per-field vocabulary layout
 VOCAB_KEY = "vocabulary"  # the header's entry describing VOCAB_FILE and PREPROCESS_FILE
 VOCAB_FORMAT = "mpe-vocabulary"
