@@ -19,8 +19,8 @@ from ctr.model import ModelConfig
 from ctr.options import model_config, train_config
 from ctr.trainer import TrainConfig
 from data.schema import DEFAULT_MPE_LAMBDA, SCHEMAS, get_schema
-from mpe.bitwidths import DEFAULT_CANDIDATES, validate_candidates
-from mpe.embedding import DEFAULT_PRUNED_AS, MODES, PRUNED_AS
+from mpe.bitwidths import DEFAULT_CANDIDATES, DEFAULT_PRUNED_AS, PRUNED_AS, validate_candidates
+from mpe.embedding import MODES
 
 # The paper's, as the shipped schema files give them ([mpe] lambda / l2 of data/schemas/*.toml); a
 # schema file's dataset has its own, DEFAULT_MPE_LAMBDA / DEFAULT_MPE_L2 when it gives none.

@@ -49,6 +49,8 @@ from mpe.quantizer import LSQQuantizer
 
 PHASES = ("search", "fixed")
 MODES = ("expected", "sample")
+
+
 class MixedPrecisionEmbedding(nn.Module):
     """Per-field torchrec tables whose looked-up rows are fake-quantized by frequency group.
 

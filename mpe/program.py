@@ -256,31 +256,25 @@ class TorchPackedEmbedding(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n, dtype=order.dtype))
         plans = {plan.index: plan for plan in self.pair_plans}
         code_buckets = dict(self.code_buckets)
-        out = torch.zeros(0, dim, dtype=torch.float32)
-        if self.pair_plans:
-            # every id's D/2 pair-table indices; 0 (the zero pair) for pruned rows and for rows
-            # decoded code by code
-            parts = []
-            for i in range(k):
-                r = grouped_rank.narrow(0, starts[i], counts[i])
-                if i in plans:
-                    parts.append(self._pair_indices(plans[i], r).t())
-                else:
-                    parts.append(torch.zeros(counts[i], dim // 2, dtype=torch.int32))
-            index = torch.cat(parts, 0).index_select(0, inverse).view(-1)
+        # per bucket, in grouped order: its ids' D/2 pair-table indices (0, the zero pair, for
+        # pruned rows and rows decoded code by code) and, where some bucket is decoded code by
+        # code, their values (zeros for the others)
+        pair_parts, code_parts = [], []
+        for i in range(k):
+            r = grouped_rank.narrow(0, starts[i], counts[i])
+            if plans:
+                pair_parts.append(self._pair_indices(plans[i], r).t() if i in plans
+                                  else torch.zeros(counts[i], dim // 2, dtype=torch.int32))
+            if code_buckets:
+                code_parts.append(self._code_values(i, code_buckets[i], r) if i in code_buckets
+                                  else torch.zeros(counts[i], dim, dtype=torch.float32))
+        if pair_parts:
+            index = torch.cat(pair_parts, 0).index_select(0, inverse).view(-1)
             out = self.pair_table.index_select(0, index).view(torch.float32).view(n, dim)
-        if code_buckets:
-            parts = []
-            for i in range(k):
-                r = grouped_rank.narrow(0, starts[i], counts[i])
-                if i in code_buckets:
-                    parts.append(self._code_values(i, code_buckets[i], r))
-                else:
-                    parts.append(torch.zeros(counts[i], dim, dtype=torch.float32))
-            coded = torch.cat(parts, 0).index_select(0, inverse)
-            out = coded if not self.pair_plans else out + coded
-        elif not self.pair_plans:
+        else:
             out = torch.zeros(n, dim, dtype=torch.float32)
+        if code_parts:
+            out = out + torch.cat(code_parts, 0).index_select(0, inverse)
         return out.view(global_ids.shape + (dim,))
 
 

@@ -65,7 +65,7 @@ def build_report(
         "unseen_rows": {"rows": int(emb.pruned_rows.sum()), "groups_all_unseen": int((~seen).sum()),
                         "note": "rows never seen in training are pruned (0 bits) by construction"},
         "pruned_as": {"mode": emb.pruned_as, "rows_read_as_oov": int(emb.read_as_oov.sum()),
-                      "pruned_rows": int((emb.bits_per_row() == 0).sum()),
+                      "rows_at_0_bits": int((emb.bits_per_row() == 0).sum()),
                       "note": "'oov': a 0-bit row reads as its field's OOV row (row 0) where that row has bits; "
                               "'zero': as the zero vector (the paper's)"},
         "penalty_weights": weights.tolist(),

@@ -87,7 +87,6 @@ VOCAB_MODES = ("exact", "compact")
 MAX_SALTS = 16
 WIDTHS = (2, 3, 4, 8)  # fingerprint bytes
 FALSE_HIT_RATE = 1e-4  # the largest share of never-counted values that may read as a kept row
-_LOW32 = np.uint64(0xFFFFFFFF)
 _HEX_LUT = np.full(256, -1, dtype=np.int16)
 _HEX_LUT[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
 _HEX_LUT[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
@@ -212,9 +211,8 @@ def write_vocabulary(
         pruned = np.flatnonzero(local_bits[1:] == 0)
         # a pruned token reads as the OOV row under pruned_as "oov": like an unseen one, not stored
         store_pruned = mode == "exact" and pruned_as == "zero" and local_bits[0] > 0 and pruned.size > 0
-        keep = local_bits[1:] > 0
-        mask = keep | (local_bits[1:] == 0) if store_pruned else keep
-        width, salt = choose_fingerprint(tokens, mask) if len(tokens) else (WIDTHS[0], 0)
+        stored_mask = (local_bits[1:] > 0) | store_pruned  # every token when the pruned ones are stored
+        width, salt = choose_fingerprint(tokens, stored_mask) if len(tokens) else (WIDTHS[0], 0)
         fp = fingerprints(tokens, width, salt) if len(tokens) else np.zeros(0, np.uint64)
         kept_fp = fp[stored]
         pruned_fp = np.sort(fp[pruned]) if store_pruned else np.zeros(0, np.uint64)
