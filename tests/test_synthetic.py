@@ -202,6 +202,22 @@ def test_auc_matches_sklearn():
     assert synthetic.auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 
+def test_training_metrics_match_sklearn():
+    from sklearn.metrics import log_loss
+
+    from ctr.trainer import metrics
+
+    rng = np.random.default_rng(1)
+    y = (rng.random(3_000_000) < 0.25).astype(np.float32)  # more rows than one log_loss block
+    p = np.round(rng.random(len(y)) * 0.8 + 0.2 * y, 3)  # ties
+    p[:5], p[5:10] = 0.0, 1.0  # clipped to [1e-7, 1 - 1e-7]
+    m = metrics(y, p)
+    clipped = np.clip(p, 1e-7, 1 - 1e-7)
+    assert m["auc"] == pytest.approx(roc_auc_score(y, clipped), abs=1e-12)
+    assert m["logloss"] == pytest.approx(log_loss(y, clipped), rel=1e-12)
+    assert np.isnan(metrics(np.ones(4), np.full(4, 0.5))["auc"])
+
+
 def test_prepare_reads_synthetic_files(tmp_path):
     for name in ("criteo", "avazu"):
         raw = tmp_path / f"{name}.raw"
