@@ -23,6 +23,9 @@ to float32 rows; the dense tower is not run):
   ``torch.export`` with a dynamic batch dimension, saved to ``OUT/torch_export/embedding.pt2``
   and loaded back with plain ``torch.export.load``: the program a serving stack without this
   repository runs (its input: the KJT's values viewed as local ids [B, F]);
+- ``torch_aoti`` (only when named in ``--contenders``: it compiles for ~30 s): that program
+  compiled by AOTInductor (``mpe.program.compile_program``, ``OUT/torch_export/embedding_aoti.pt2``)
+  and loaded with ``torch._inductor.aoti_load_package``, what ``python -m mpe.export --aoti`` writes;
 - ``mpe_torchrec``: the same MPE buckets as torchrec INT2/INT4/INT8 tables
   (``mpe.torchrec_size.build_torchrec_quant``), global ids located through the id map;
 - ``ptq_int8`` / ``ptq_int4``: the fp32 tables quantized rowwise by torchrec
@@ -83,16 +86,17 @@ from ctr.model import FP32Embedding, table_name
 from data.artifacts import atomic_write_json
 from data.batches import to_kjt
 from experiments.results_csv import write_rows
-from mpe.program import TorchPackedEmbedding, capture_embedding
+from mpe.program import TorchPackedEmbedding, capture_embedding, compile_program
 from mpe.quantizer import LSQQuantizer
 from mpe.reader import load_packed_export
 from mpe.serving import PackedEmbeddingModule
 from mpe.torchrec_size import build_torchrec_quant
 from mpe.writer import write_packed_export
 
-CONTENDERS = ("fp32", "packed", "torch_export", "mpe_torchrec", "ptq_int8", "ptq_int4")
+CONTENDERS = ("fp32", "packed", "torch_export", "torch_aoti", "mpe_torchrec", "ptq_int8", "ptq_int4")
+DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "torch_aoti")  # it compiles for ~30 s
 MEMORY_KINDS = ("fp32", "packed", "torch_export", "mpe_torchrec", "ptq_int8", "ptq_int4")
-PROGRAM_DIR, PROGRAM_NAME = "torch_export", "embedding.pt2"
+PROGRAM_DIR, PROGRAM_NAME, COMPILED_NAME = "torch_export", "embedding.pt2", "embedding_aoti.pt2"
 DEFAULT_BIT_FRACTIONS = "0.50,0.15,0.12,0.10,0.07,0.04,0.02"  # rows at 0,1,..,6 bits, rarest first
 SHARED_MACHINE_NOTE = (
     "timings measured on a shared machine under background load; compare ratios within one run only"
@@ -189,7 +193,10 @@ def build_tables(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                  extra_meta={"source": "experiments.bench_serving synthetic table"})
     program_file = out / PROGRAM_DIR / PROGRAM_NAME
     program_file.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(capture_embedding(load_packed_export(out / "packed"), offsets), program_file)
+    program = capture_embedding(load_packed_export(out / "packed"), offsets)
+    torch.export.save(program, program_file)
+    if "torch_aoti" in args.contenders.split(","):
+        compile_program(program, program_file.with_name(COMPILED_NAME))
     ptq_bytes = {}
     for name, dt in (("ptq_int8", DataType.INT8), ("ptq_int4", DataType.INT4)):
         emb = TorchrecPTQEmbedding.from_float(fp32, dt)
@@ -214,7 +221,7 @@ def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[
     fp32, fields, offsets = built["fp32"], built["fields"], built["offsets"]
     off_t = torch.as_tensor(offsets, dtype=torch.int64)
     res: dict[str, tuple[Callable, int]] = {}
-    packed = load_packed_export(out / "packed") if {"packed", "torch_export", "mpe_torchrec"} & set(names) else None
+    packed = load_packed_export(out / "packed") if {"packed", "torch_export", "torch_aoti", "mpe_torchrec"} & set(names) else None
     for name in names:
         if name == "fp32":
             res[name] = (fp32, fp32.num_bytes())
@@ -228,6 +235,13 @@ def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[
                 return program(kjt.values().view(len(fields), kjt.stride()).t())
 
             res[name] = (run_program, TorchPackedEmbedding(packed).num_bytes())
+        elif name == "torch_aoti":
+            compiled = torch._inductor.aoti_load_package(str(out / PROGRAM_DIR / COMPILED_NAME))
+
+            def run_compiled(kjt, compiled=compiled):
+                return compiled(kjt.values().view(len(fields), kjt.stride()).t())
+
+            res[name] = (run_compiled, TorchPackedEmbedding(packed).num_bytes())
         elif name == "mpe_torchrec":
             tq = build_torchrec_quant(packed)
 
@@ -279,7 +293,7 @@ def check_outputs(contenders: dict[str, tuple[Callable, int]], kjt) -> dict[str,
         ref["packed"] = contenders["packed"][0](kjt)
     diffs = {}
     for n, (fn, _) in contenders.items():
-        base = ref.get("packed" if n in ("packed", "torch_export", "mpe_torchrec") else "fp32")
+        base = ref.get("packed" if n in ("packed", "torch_export", "torch_aoti", "mpe_torchrec") else "fp32")
         if base is not None:
             diffs[n] = float((fn(kjt).to(torch.float32) - base).abs().max())
     return diffs
@@ -356,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fractions of rows at 0,1,..,6 bits, rarest first (default {DEFAULT_BIT_FRACTIONS})")
     p.add_argument("--init-std", type=float, default=0.01, help="std of the synthetic fp32 rows")
     p.add_argument("--batch-sizes", default="1,4096", help="comma-separated batch sizes (examples; default 1,4096)")
-    p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"subset of {','.join(CONTENDERS)}")
+    p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
+                   help=f"subset of {','.join(CONTENDERS)} (default all but torch_aoti)")
     p.add_argument("--memory", default=",".join(MEMORY_KINDS),
                    help=f"loaders measured in subprocesses, subset of {','.join(MEMORY_KINDS)}; '' to skip")
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (median reported; default 5)")
@@ -463,9 +478,12 @@ def main(argv: list[str] | None = None) -> int:
 
     names = [n for n in args.contenders.split(",") if n]
     kinds = [k for k in args.memory.split(",") if k]
-    for n in names + kinds:
+    for n in names:
         if n not in CONTENDERS:
-            raise SystemExit(f"unknown contender / memory kind {n!r} (one of {', '.join(CONTENDERS)})")
+            raise SystemExit(f"unknown contender {n!r} (one of {', '.join(CONTENDERS)})")
+    for n in kinds:
+        if n not in MEMORY_KINDS:
+            raise SystemExit(f"unknown memory kind {n!r} (one of {', '.join(MEMORY_KINDS)})")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

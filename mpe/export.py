@@ -1,7 +1,7 @@
-"""``python -m mpe.export --run DIR --out DIR [--torch-export]``: (re)write the bit-packed export
+"""``python -m mpe.export --run DIR --out DIR [--torch-export] [--aoti]``: (re)write the bit-packed export
 of a finished ``mpe.search`` run and report its bytes beside the fp32 and torchrec-quantized
 sizes; ``--torch-export`` adds the served model as a ``torch.export`` program
-(``mpe.program``)."""
+(``mpe.program``), ``--aoti`` that program compiled by AOTInductor."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from data.artifacts import ArtifactError, atomic_write_json, read_json
 from data.batches import PreparedDataset
 from encoding.sizes import fp32_table_bytes
 from mpe.exporter import export_model
-from mpe.format import HEADER_FILE, PROGRAM_FILE
-from mpe.program import write_exported_program
+from mpe.format import COMPILED_FILE, HEADER_FILE, PROGRAM_FILE
+from mpe.program import write_compiled_program, write_exported_program
 from mpe.run_dir import load_model
 from mpe.vocabulary import VOCAB_MODES
 
@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "[B, F] -> click probabilities [B]) captured by torch.export, verified against the "
                    "served model and recorded in header.json (load it with mpe.serving.load_exported_program "
                    "or plain torch.export.load)")
+    p.add_argument("--aoti", action="store_true",
+                   help=f"also write {COMPILED_FILE} (implies --torch-export): that program compiled by "
+                   "AOTInductor, its decoder ops fused into native loops; verified like it and recorded in "
+                   "header.json; it runs only on the torch version and CPU kind it was compiled with (load it "
+                   "with mpe.serving.load_compiled_program, torch._inductor.aoti_load_package or C++ "
+                   "torch::inductor::AOTIModelPackageLoader); needs a C++ compiler at export time")
     return p
 
 
@@ -82,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         result = export_model(model, meta, args.out, torchrec=not args.no_torchrec,
                               extra_meta={"run": str(Path(args.run).resolve())}, prepared=prepared,
                               vocabulary=None if args.vocabulary == "none" else args.vocabulary)
-        if args.torch_export:
+        if args.torch_export or args.aoti:
             result["program"] = write_exported_program(args.out)
+        if args.aoti:
+            result["compiled_program"] = write_compiled_program(args.out)
     except (ArtifactError, OSError, ValueError, RuntimeError) as e:  # one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -99,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         prog = result["program"]
         print(f"torch.export program: {prog['file']} ({prog['bytes']:,} bytes; decoder buffers "
               f"{prog['decoder_bytes']['total']:,}, locator {prog['decoder_bytes']['locator']:,})")
+    if "compiled_program" in result:
+        comp = result["compiled_program"]
+        print(f"AOTInductor package: {comp['file']} ({comp['bytes']:,} bytes, compiled in {comp['compile_seconds']} s "
+              f"for torch {comp['torch_version']} on {comp['machine']})")
     print(f"-> {args.out}")
     return 0
 

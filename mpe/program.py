@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,9 @@ from torch import Tensor, nn
 from data.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
 from data.batches import to_kjt
 from mpe.format import (
+    COMPILED_FILE,
+    COMPILED_FORMAT,
+    COMPILED_KEY,
     HEADER_DIGEST,
     HEADER_FILE,
     PROGRAM_FILE,
@@ -68,12 +73,13 @@ from mpe.format import (
     header_digest,
 )
 from mpe.reader import LOCATOR_BLOCK, PackedEmbedding, read_header
-from mpe.serving import load_exported_program, load_served_model
+from mpe.serving import load_compiled_program, load_exported_program, load_served_model
 
 PAIR_TABLE_LIMIT = 1 << 20  # bytes of one bucket's pair table above which it is decoded code by code
 PROGRAM_INPUT = "local_ids: int64 [B, F], each field's own ids (field order of `fields`); field offsets baked in"
 PROGRAM_OUTPUT = "click probabilities: float32 [B] (sigmoid of the tower's logits)"
 _WIDE = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
+COMPILED_TOLERANCE = 1e-6  # largest |probability difference| of the AOTInductor package vs the served model
 _CHECK_ROWS = 512  # random examples checked at export, besides every field's first and last id
 
 
@@ -412,3 +418,61 @@ def write_exported_program(export_dir: str | os.PathLike) -> dict[str, Any]:
         raise
     return entry
 
+
+
+def compile_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
+    """AOTInductor-compile ``program`` into the package ``path`` (written atomically): the same
+    graph, its torch ops fused into native loops (needs a C++ compiler now, not when served)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.pt2")
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_compiled_program(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """Compile the export's verified ``served_program.pt2`` (``write_exported_program`` first)
+    with AOTInductor into ``served_program_aoti.pt2``, record it in the header, reload it
+    through ``mpe.serving.load_compiled_program`` and check its probabilities against the served
+    model's; return the header entry. The decoder is integer work and gathers, but the compiler
+    fuses the tower's float ops in its own order, so the probabilities may differ in the last
+    bits: the largest difference is recorded (``max_abs_diff``) and must stay within
+    ``COMPILED_TOLERANCE``, else ``RuntimeError`` and nothing is recorded."""
+    root = Path(export_dir)
+    program = load_exported_program(root)
+    header = read_header(root)
+    t0 = time.perf_counter()
+    compile_program(program, root / COMPILED_FILE)
+    entry = {
+        "format": COMPILED_FORMAT, "schema_version": PROGRAM_SCHEMA_VERSION, "file": COMPILED_FILE,
+        "sha256": sha256_file(root / COMPILED_FILE), "bytes": (root / COMPILED_FILE).stat().st_size,
+        "compiled_from": header[PROGRAM_KEY]["sha256"], "input": PROGRAM_INPUT, "output": PROGRAM_OUTPUT,
+        "torch_version": torch.__version__, "machine": platform.machine(),
+        "compile_seconds": round(time.perf_counter() - t0, 1),
+    }
+    header_with = {**header, COMPILED_KEY: entry}
+    header_with[HEADER_DIGEST] = header_digest(header_with)
+    atomic_write_json(root / HEADER_FILE, header_with)
+    try:
+        served = load_served_model(root)
+        ids_np = check_ids(served.embedding.field_offsets.tolist(), served.embedding.packed.num_rows)
+        with torch.inference_mode():
+            got = load_compiled_program(root)(torch.from_numpy(ids_np))
+        want = _served_probs(served, served.embedding.fields, ids_np)
+        diff = float((got.double() - want.double()).abs().max())
+        if not diff <= COMPILED_TOLERANCE:
+            raise RuntimeError(f"{root}: the compiled program's probabilities differ from the served model "
+                               f"(max |diff| {diff:.3g} > {COMPILED_TOLERANCE:g})")
+        entry.update(verified_examples=int(ids_np.shape[0]), max_abs_diff=diff)
+    except BaseException:
+        header[HEADER_DIGEST] = header_digest(header)
+        atomic_write_json(root / HEADER_FILE, header)
+        (root / COMPILED_FILE).unlink(missing_ok=True)
+        raise
+    header_with[COMPILED_KEY] = entry
+    header_with[HEADER_DIGEST] = header_digest(header_with)
+    atomic_write_json(root / HEADER_FILE, header_with)
+    return entry

@@ -8,12 +8,14 @@ codes. Its predictions equal the retrained in-memory model's bit for bit.
 ``python -m mpe.export --torch-export``, see ``mpe.program``) as a ``torch.export``
 ``ExportedProgram``, after checking the header and the file's size and sha256 against it;
 ``.module()(local_ids int64 [B, F])`` gives click probabilities float32 [B]. It needs only
-``header.json`` and the ``.pt2`` file.
+``header.json`` and the ``.pt2`` file. ``load_compiled_program(export_dir)`` does the same for
+the program compiled by AOTInductor (``--aoti``): the same call, the decoder's ops fused into
+native loops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ from data.artifacts import (
 from data.layout import global_ids
 from genlora_rec.towers import build_tower
 from mpe.format import (
+    COMPILED_FORMAT,
+    COMPILED_KEY,
     HEADER_FILE,
     PROGRAM_FORMAT,
     PROGRAM_KEY,
@@ -101,30 +105,36 @@ def _check_tower_entry(export_dir: Path, header: dict, meta_path: Path, meta: di
                             "differ); modified or from another export")
 
 
-def load_exported_program(export_dir: str | Path) -> torch.export.ExportedProgram:
-    """The export's served program (``mpe.format.PROGRAM_FILE``), verified before it is loaded:
-    the header (format, its own checksum) must describe it, and the file's size and sha256
-    must match that description; only then ``torch.export.load`` runs. Any problem (no
-    program recorded, missing, truncated, modified or foreign file, not a ``torch.export``
-    program) raises ``ArtifactError`` naming the file."""
-    root = Path(export_dir)
+def _recorded_file(root: Path, key: str, fmt: str, what: str, hint: str) -> tuple[dict, Path]:
+    """(header, path) of the file the header's ``key`` entry describes, after checking the
+    entry (format ``fmt``, schema version) and the file's size and sha256 against it."""
     header = read_header(root)
-    entry = header.get(PROGRAM_KEY)
+    entry = header.get(key)
     if entry is None:
-        raise ArtifactError(f"{root / HEADER_FILE}: no exported program recorded "
-                            "(write one with `python -m mpe.export --torch-export`)")
+        raise ArtifactError(f"{root / HEADER_FILE}: no {what} recorded ({hint})")
     try:
-        if entry["format"] != PROGRAM_FORMAT or entry["schema_version"] != PROGRAM_SCHEMA_VERSION:
+        if entry["format"] != fmt or entry["schema_version"] != PROGRAM_SCHEMA_VERSION:
             raise ValueError(f"format {entry['format']!r} v{entry['schema_version']!r}")
         name, size, digest = str(entry["file"]), int(entry["bytes"]), str(entry["sha256"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{root / HEADER_FILE}: malformed {PROGRAM_KEY!r} entry ({short_error(e)})") from None
+        raise ArtifactError(f"{root / HEADER_FILE}: malformed {key!r} entry ({short_error(e)})") from None
     path = safe_child(root, name)
     if not path.is_file():
         raise ArtifactError(f"{path}: file is missing")
     if path.stat().st_size != size:
         raise ArtifactError(f"{path}: has {path.stat().st_size} bytes, the header records {size}; truncated or modified")
     verify_sha256(path, digest)
+    return header, path
+
+
+def load_exported_program(export_dir: str | Path) -> torch.export.ExportedProgram:
+    """The export's served program (``mpe.format.PROGRAM_FILE``), verified before it is loaded:
+    the header (format, its own checksum) must describe it, and the file's size and sha256
+    must match that description; only then ``torch.export.load`` runs. Any problem (no
+    program recorded, missing, truncated, modified or foreign file, not a ``torch.export``
+    program) raises ``ArtifactError`` naming the file."""
+    header, path = _recorded_file(Path(export_dir), PROGRAM_KEY, PROGRAM_FORMAT, "exported program",
+                                  "write one with `python -m mpe.export --torch-export`")
     try:
         program = torch.export.load(path)
     except Exception as e:  # a foreign file that still matches a rewritten header
@@ -133,6 +143,25 @@ def load_exported_program(export_dir: str | Path) -> torch.export.ExportedProgra
         raise ArtifactError(f"{path}: not this export's served program (it maps {_program_signature(program)}; "
                             f"expected int64 ids [B, {len(header['fields'])}] -> float32 [B])")
     return program
+
+
+def load_compiled_program(export_dir: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The export's AOTInductor-compiled served program (``mpe.format.COMPILED_FILE``, written by
+    ``python -m mpe.export --aoti``): local ids int64 [B, F] -> click probabilities float32 [B].
+    Verified as ``load_exported_program`` verifies its program, then loaded with
+    ``torch._inductor.aoti_load_package`` (C++: ``torch::inductor::AOTIModelPackageLoader``). It
+    runs only on a torch of the version and a CPU of the kind it was compiled with (the header
+    records both); any other problem raises ``ArtifactError`` naming the file."""
+    header, path = _recorded_file(Path(export_dir), COMPILED_KEY, COMPILED_FORMAT, "compiled program",
+                                  "write one with `python -m mpe.export --aoti`")
+    built = header[COMPILED_KEY].get("torch_version")
+    if built != torch.__version__:
+        raise ArtifactError(f"{path}: compiled with torch {built}, this is torch {torch.__version__}; "
+                            "recompile it with `python -m mpe.export --aoti` (or serve served_program.pt2)")
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    except Exception as e:  # a foreign file that still matches a rewritten header
+        raise ArtifactError(f"{path}: not an AOTInductor package ({short_error(e)})") from None
 
 
 def _program_signature(program: torch.export.ExportedProgram) -> tuple[list, list]:

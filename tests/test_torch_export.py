@@ -26,11 +26,18 @@ from mpe import run_dir
 from mpe.config import MPEConfig, SearchConfig
 from mpe.embedding import MixedPrecisionEmbedding
 from mpe.export import main as export_main
-from mpe.format import HEADER_FILE, PROGRAM_FILE, PROGRAM_KEY, header_digest
+from mpe.format import (
+    COMPILED_FILE,
+    COMPILED_KEY,
+    HEADER_FILE,
+    PROGRAM_FILE,
+    PROGRAM_KEY,
+    header_digest,
+)
 from mpe.program import TorchPackedEmbedding, pair_plan, write_exported_program
 from mpe.quantizer import LSQQuantizer
 from mpe.reader import load_packed_export
-from mpe.serving import load_exported_program, load_served_model
+from mpe.serving import load_compiled_program, load_exported_program, load_served_model
 from mpe.writer import write_packed_export
 
 ALL_BITS = (0, 1, 2, 3, 4, 5, 6)
@@ -290,6 +297,46 @@ def test_loader_refuses_damaged_programs(exported, tmp_path):
         load_exported_program(bad)
 
 
+@pytest.mark.slow
+def test_aoti_package_predicts_what_the_served_model_predicts(tmp_path):
+    run = make_run(tmp_path)
+    out = tmp_path / "export"
+    assert export_main(["--run", str(run), "--out", str(out), "--no-torchrec", "--aoti"]) == 0
+    header = json.loads((out / HEADER_FILE).read_text())
+    entry = header[COMPILED_KEY]
+    assert header["header_sha256"] == header_digest(header)
+    assert entry["file"] == COMPILED_FILE and entry["sha256"] == sha256_file(out / COMPILED_FILE)
+    assert entry["compiled_from"] == header[PROGRAM_KEY]["sha256"] and entry["verified_examples"] > 0
+    split = split_of(seed=7)
+    want = predict(load_served_model(out), split, FIELDS)
+    compiled = load_compiled_program(out)
+    with torch.inference_mode():
+        got = compiled(torch.from_numpy(split.ids.astype(np.int64)))
+        # the decoder's integer work is exact; the fused tower may round its floats differently
+        assert np.abs(got.double().numpy() - want).max() <= 1e-6
+        assert 0 <= entry["max_abs_diff"] <= 1e-6
+        assert torch.equal(compiled(torch.from_numpy(split.ids[:1].astype(np.int64))), got[:1])
+
+    bad = copy_export(out, tmp_path / "flipped")
+    data = bytearray((out / COMPILED_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / COMPILED_FILE).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        load_compiled_program(bad)
+    other = copy_export(out, tmp_path / "other_torch")
+    header[COMPILED_KEY]["torch_version"] = "0.0.1"
+    header["header_sha256"] = header_digest(header)
+    atomic_write_json(other / HEADER_FILE, header)
+    with pytest.raises(ArtifactError, match="compiled with torch 0.0.1"):
+        load_compiled_program(other)
+    plain = copy_export(out, tmp_path / "plain")
+    del header[COMPILED_KEY]
+    header["header_sha256"] = header_digest(header)
+    atomic_write_json(plain / HEADER_FILE, header)
+    with pytest.raises(ArtifactError, match="no compiled program recorded"):
+        load_compiled_program(plain)
+
+
 def test_export_without_program_stays_valid(tmp_path):
     run = make_run(tmp_path)
     out = tmp_path / "export"
@@ -322,3 +369,17 @@ def test_bench_serving_times_the_exported_program(tmp_path):
     assert res["table"]["torch_export_file_bytes"] == program_file.stat().st_size
     (memory,) = res["memory"]
     assert memory["kind"] == "torch_export" and memory["table_bytes"] == program_file.stat().st_size
+
+
+@pytest.mark.slow
+def test_bench_serving_times_the_compiled_program(tmp_path):
+    out = tmp_path / "bench"
+    assert bench_serving.main([
+        "--rows", "3000", "--fields", "3", "--batch-sizes", "1,32", "--rounds", "1", "--min-time", "0.001",
+        "--contenders", "fp32,torch_aoti", "--memory", "", "--out", str(out),
+    ]) == 0
+    res = json.loads((out / "bench_serving.json").read_text())
+    rows = {(r["method"], r["batch_size"]): r for r in res["serving"]}
+    for b in (1, 32):  # the embedding alone: integer work and gathers, exact when compiled
+        assert rows[("torch_aoti", b)]["lookups_per_s"] > 0
+    assert (out / bench_serving.PROGRAM_DIR / bench_serving.COMPILED_NAME).is_file()
