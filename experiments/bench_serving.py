@@ -239,7 +239,7 @@ def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[
             compiled = torch._inductor.aoti_load_package(str(out / PROGRAM_DIR / COMPILED_NAME))
 
             def run_compiled(kjt, compiled=compiled):
-                return compiled(kjt.values().view(len(fields), kjt.stride()).t())
+                return compiled(kjt.values().view(len(fields), kjt.stride()).t().contiguous())
 
             res[name] = (run_compiled, TorchPackedEmbedding(packed).num_bytes())
         elif name == "mpe_torchrec":

@@ -151,7 +151,8 @@ def load_compiled_program(export_dir: str | Path) -> Callable[[torch.Tensor], to
     Verified as ``load_exported_program`` verifies its program, then loaded with
     ``torch._inductor.aoti_load_package`` (C++: ``torch::inductor::AOTIModelPackageLoader``). It
     runs only on a torch of the version and a CPU of the kind it was compiled with (the header
-    records both); any other problem raises ``ArtifactError`` naming the file."""
+    records both); any other problem raises ``ArtifactError`` naming the file. The package reads
+    its input as a contiguous tensor: the function returned makes it one (a C++ caller must)."""
     header, path = _recorded_file(Path(export_dir), COMPILED_KEY, COMPILED_FORMAT, "compiled program",
                                   "write one with `python -m mpe.export --aoti`")
     built = header[COMPILED_KEY].get("torch_version")
@@ -159,9 +160,15 @@ def load_compiled_program(export_dir: str | Path) -> Callable[[torch.Tensor], to
         raise ArtifactError(f"{path}: compiled with torch {built}, this is torch {torch.__version__}; "
                             "recompile it with `python -m mpe.export --aoti` (or serve served_program.pt2)")
     try:
-        return torch._inductor.aoti_load_package(str(path))
+        runner = torch._inductor.aoti_load_package(str(path))
     except Exception as e:  # a foreign file that still matches a rewritten header
         raise ArtifactError(f"{path}: not an AOTInductor package ({short_error(e)})") from None
+
+    def compiled(local_ids: torch.Tensor) -> torch.Tensor:
+        # the compiled code reads its input with the strides it was compiled for (contiguous)
+        return runner(local_ids.contiguous())
+
+    return compiled
 
 
 def _program_signature(program: torch.export.ExportedProgram) -> tuple[list, list]:

@@ -316,6 +316,8 @@ def test_aoti_package_predicts_what_the_served_model_predicts(tmp_path):
         assert np.abs(got.double().numpy() - want).max() <= 1e-6
         assert 0 <= entry["max_abs_diff"] <= 1e-6
         assert torch.equal(compiled(torch.from_numpy(split.ids[:1].astype(np.int64))), got[:1])
+        columns = torch.from_numpy(np.ascontiguousarray(split.ids.T.astype(np.int64))).t()  # not contiguous
+        assert torch.equal(compiled(columns), got)
 
     bad = copy_export(out, tmp_path / "flipped")
     data = bytearray((out / COMPILED_FILE).read_bytes())
@@ -351,14 +353,19 @@ def test_export_without_program_stays_valid(tmp_path):
     assert load_packed_export(out).num_bytes() == json.loads((out / HEADER_FILE).read_text())["total_bytes"]
 
 
-def test_bench_serving_times_the_exported_program(tmp_path):
-    out = tmp_path / "bench"
+def run_bench(out: Path, contenders: str, memory: str) -> tuple[dict, dict]:
+    """(bench_serving.json, its serving rows by (method, batch)) of a tiny run at batches 1 and 32."""
     assert bench_serving.main([
         "--rows", "3000", "--fields", "3", "--batch-sizes", "1,32", "--rounds", "1", "--min-time", "0.001",
-        "--contenders", "fp32,packed,torch_export", "--memory", "torch_export", "--out", str(out),
+        "--contenders", contenders, "--memory", memory, "--out", str(out),
     ]) == 0
     res = json.loads((out / "bench_serving.json").read_text())
-    rows = {(r["method"], r["batch_size"]): r for r in res["serving"]}
+    return res, {(r["method"], r["batch_size"]): r for r in res["serving"]}
+
+
+def test_bench_serving_times_the_exported_program(tmp_path):
+    out = tmp_path / "bench"
+    res, rows = run_bench(out, "fp32,packed,torch_export", "torch_export")
     packed = load_packed_export(out / "packed")
     for b in (1, 32):
         r = rows[("torch_export", b)]
@@ -374,12 +381,8 @@ def test_bench_serving_times_the_exported_program(tmp_path):
 @pytest.mark.slow
 def test_bench_serving_times_the_compiled_program(tmp_path):
     out = tmp_path / "bench"
-    assert bench_serving.main([
-        "--rows", "3000", "--fields", "3", "--batch-sizes", "1,32", "--rounds", "1", "--min-time", "0.001",
-        "--contenders", "fp32,torch_aoti", "--memory", "", "--out", str(out),
-    ]) == 0
-    res = json.loads((out / "bench_serving.json").read_text())
-    rows = {(r["method"], r["batch_size"]): r for r in res["serving"]}
+    _, rows = run_bench(out, "fp32,packed,torch_aoti", "")
     for b in (1, 32):  # the embedding alone: integer work and gathers, exact when compiled
-        assert rows[("torch_aoti", b)]["lookups_per_s"] > 0
+        r = rows[("torch_aoti", b)]
+        assert r["lookups_per_s"] > 0 and r["max_abs_diff_vs_reference"] == 0.0
     assert (out / bench_serving.PROGRAM_DIR / bench_serving.COMPILED_NAME).is_file()
