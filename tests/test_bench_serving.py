@@ -42,7 +42,7 @@ def test_bench_serving_tiny(tmp_path, capsys):
 
     serving = res["serving"]
     assert {(r["method"], r["batch_size"]) for r in serving} == {
-        (m, b) for m in bench_serving.CONTENDERS for b in (1, 32)}
+        (m, b) for m in bench_serving.DEFAULT_CONTENDERS for b in (1, 32)}
     by = {(r["method"], r["batch_size"]): r for r in serving}
     fp32_bytes = 3000 * 16 * 4
     for (_m, b), r in by.items():
