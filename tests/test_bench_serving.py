@@ -79,6 +79,6 @@ def test_bench_serving_tiny(tmp_path, capsys):
 
     with open(out / "bench_serving.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(serving) and {r["method"] for r in rows} == set(bench_serving.CONTENDERS)
+    assert len(rows) == len(serving) and {r["method"] for r in rows} == set(bench_serving.DEFAULT_CONTENDERS)
     with open(out / "bench_serving_memory.csv") as f:
         assert {r["kind"] for r in csv.DictReader(f)} == {"fp32", "packed"}
