@@ -145,19 +145,21 @@ def in_backward(param: nn.Parameter) -> bool:
     return hasattr(param, "_in_backward_optimizers")
 
 
-def shard(model: nn.Module, env: DistEnv, sharding: str = "table_wise"):
+def shard(model: nn.Module, env: DistEnv, sharding: str = "table_wise", init: dict[str, torch.Tensor] | None = None):
     """Wrap ``model`` in ``DistributedModelParallel`` (in place: its tables become sharded).
 
     The tables must already have their in-backward optimizer. The rows every rank holds
-    are then overwritten with ``model``'s own values, so the sharded model starts from
-    exactly the single-process initialisation. Returns ``(dmp, plan_lines)``.
+    are then overwritten with ``init`` (an unsharded state dict of the same keys; default a
+    copy of ``model``'s own), so the sharded model starts from exactly the single-process
+    initialisation. Returns ``(dmp, plan_lines)``.
     """
     if sharding not in SHARDING_TYPES:
         raise ValueError(f"unknown sharding {sharding!r}; expected one of {SHARDING_TYPES}")
     if sharding == "row_wise" and env.backend == "gloo":
         raise ValueError("row-wise sharding needs reduce-scatter, which gloo (CPU) lacks: "
                          "use --sharding table_wise on CPU, row_wise on GPUs (nccl)")
-    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if init is None:
+        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tables = {name: m for name, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
     constraints = {
         cfg.name: ParameterConstraints(sharding_types=[sharding], compute_kernels=["fused"])
@@ -200,19 +202,22 @@ def load_full_state(dmp: nn.Module, full: dict[str, torch.Tensor]) -> None:
     dmp.load_state_dict(state)
 
 
-def full_state_dict(dmp: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
-    """The unsharded state dict of ``dmp`` on every rank (tables gathered on rank 0, then
-    broadcast; the dense part is the same on every rank already)."""
-    out = {}
-    for key, value in dmp.state_dict().items():
-        if not _is_sharded(value):
-            out[key] = value.detach().clone()
-            continue
-        full = torch.empty(value.size(), dtype=value.dtype, device=env.device)
-        value.gather(dst=0, out=full if env.is_main else None)
-        dist.broadcast(full, src=0)
-        out[key] = full.cpu()
-    return out
+def load_unsharded(dmp: nn.Module, target: nn.Module, env: DistEnv) -> None:
+    """Copy ``dmp``'s state into the unsharded ``target`` (same keys) on every rank: each table
+    is gathered on rank 0 and broadcast straight into ``target``'s own tensor (no second full
+    copy); the dense part is the same on every rank already."""
+    into = target.state_dict()
+    with torch.no_grad():
+        for key, value in dmp.state_dict().items():
+            dst = into[key]
+            if not _is_sharded(value):
+                dst.copy_(value)
+                continue
+            buf = dst if env.device.type == "cpu" else torch.empty(value.size(), dtype=value.dtype, device=env.device)
+            value.gather(dst=0, out=buf if env.is_main else None)
+            dist.broadcast(buf, src=0)
+            if buf is not dst:
+                dst.copy_(buf)
 
 
 def eval_range(rows: int, rank: int, world: int) -> tuple[int, int]:

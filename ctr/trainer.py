@@ -202,7 +202,8 @@ class Trainer:
             distributed.optimize_tables_in_backward(work, self.table_optimizer, table_lr, wd)
             self.model = work
             if dist is not None:
-                self.model, self.plan = distributed.shard(work, dist, config.sharding)
+                # ``model`` holds the same initial values: no third copy of the tables
+                self.model, self.plan = distributed.shard(work, dist, config.sharding, init=model.state_dict())
         factory = optimizers or (
             lambda m: [torch.optim.Adam(trainable_parameters(m), lr=config.lr, weight_decay=config.weight_decay)]
         )
@@ -374,9 +375,10 @@ class Trainer:
             self.model.load_state_dict(best_state)
             del best_state
         if self.model is not self.target:
-            full = (distributed.full_state_dict(self.model, self.dist) if self.dist is not None
-                    else self.model.state_dict())
-            self.target.load_state_dict(full)
+            if self.dist is not None:
+                distributed.load_unsharded(self.model, self.target, self.dist)
+            else:
+                self.target.load_state_dict(self.model.state_dict())
         return FitResult(
             best_auc=best["auc"],
             best_logloss=best["logloss"],
