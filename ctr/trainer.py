@@ -1,7 +1,7 @@
 """The training loop every part of the toolkit uses.
 
 Adam, shuffled mini-batches of KJTs, validation AUC a few times per epoch, early stopping
-on it with the best weights kept, tqdm progress, scikit-learn metrics, and atomic
+on it with the best weights kept, tqdm progress, low-memory AUC and logloss (``data.auc``), and atomic
 weights-only checkpoints that ``resume=True`` continues from.
 
 Given a ``DistEnv`` (a ``torchrun`` process group), the same loop trains the model sharded
