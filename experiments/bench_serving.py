@@ -95,6 +95,7 @@ from mpe.writer import write_packed_export
 
 CONTENDERS = ("fp32", "packed", "torch_export", "torch_aoti", "mpe_torchrec", "ptq_int8", "ptq_int4")
 DEFAULT_CONTENDERS = tuple(c for c in CONTENDERS if c != "torch_aoti")  # it compiles for ~30 s
+PACKED_CONTENDERS = ("packed", "torch_export", "torch_aoti", "mpe_torchrec")  # serve the packed export
 MEMORY_KINDS = ("fp32", "packed", "torch_export", "mpe_torchrec", "ptq_int8", "ptq_int4")
 PROGRAM_DIR, PROGRAM_NAME, COMPILED_NAME = "torch_export", "embedding.pt2", "embedding_aoti.pt2"
 DEFAULT_BIT_FRACTIONS = "0.50,0.15,0.12,0.10,0.07,0.04,0.02"  # rows at 0,1,..,6 bits, rarest first
@@ -215,13 +216,18 @@ def build_tables(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # serving throughput
 # ---------------------------------------------------------------------------------------------
+def _local_ids(kjt, num_fields: int) -> torch.Tensor:
+    """int64 [B, F] per-field ids of a KJT of B examples x F single-valued fields (a view)."""
+    return kjt.values().view(num_fields, kjt.stride()).t()
+
+
 def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[str, tuple[Callable, int]]:
     """name -> (kjt -> Tensor, bytes) for each contender, loaded from the files just written."""
 
     fp32, fields, offsets = built["fp32"], built["fields"], built["offsets"]
     off_t = torch.as_tensor(offsets, dtype=torch.int64)
     res: dict[str, tuple[Callable, int]] = {}
-    packed = load_packed_export(out / "packed") if {"packed", "torch_export", "torch_aoti", "mpe_torchrec"} & set(names) else None
+    packed = load_packed_export(out / "packed") if set(PACKED_CONTENDERS) & set(names) else None
     for name in names:
         if name == "fp32":
             res[name] = (fp32, fp32.num_bytes())
@@ -232,14 +238,14 @@ def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[
             program = torch.export.load(out / PROGRAM_DIR / PROGRAM_NAME).module()
 
             def run_program(kjt, program=program):
-                return program(kjt.values().view(len(fields), kjt.stride()).t())
+                return program(_local_ids(kjt, len(fields)))
 
             res[name] = (run_program, TorchPackedEmbedding(packed).num_bytes())
         elif name == "torch_aoti":
             compiled = torch._inductor.aoti_load_package(str(out / PROGRAM_DIR / COMPILED_NAME))
 
             def run_compiled(kjt, compiled=compiled):
-                return compiled(kjt.values().view(len(fields), kjt.stride()).t().contiguous())
+                return compiled(_local_ids(kjt, len(fields)).contiguous())
 
             res[name] = (run_compiled, TorchPackedEmbedding(packed).num_bytes())
         elif name == "mpe_torchrec":
@@ -247,7 +253,7 @@ def make_contenders(built: dict[str, Any], out: Path, names: list[str]) -> dict[
 
             def fn(kjt, tq=tq):
                 b = kjt.stride()
-                ids = kjt.values().view(len(fields), b).t() + off_t
+                ids = _local_ids(kjt, len(fields)) + off_t
                 return tq.lookup(ids.reshape(-1)).view(b, len(fields), -1)
 
             res[name] = (fn, tq.num_bytes())
@@ -293,7 +299,7 @@ def check_outputs(contenders: dict[str, tuple[Callable, int]], kjt) -> dict[str,
         ref["packed"] = contenders["packed"][0](kjt)
     diffs = {}
     for n, (fn, _) in contenders.items():
-        base = ref.get("packed" if n in ("packed", "torch_export", "torch_aoti", "mpe_torchrec") else "fp32")
+        base = ref.get("packed" if n in PACKED_CONTENDERS else "fp32")
         if base is not None:
             diffs[n] = float((fn(kjt).to(torch.float32) - base).abs().max())
     return diffs
@@ -326,7 +332,7 @@ def _child_load(kind: str, out: Path) -> dict[str, Any]:
         nbytes = fn.num_bytes()
     elif kind == "torch_export":
         program = torch.export.load(out / PROGRAM_DIR / PROGRAM_NAME).module()
-        fn = lambda k: program(k.values().view(len(fields), k.stride()).t())  # noqa: E731
+        fn = lambda k: program(_local_ids(k, len(fields)))  # noqa: E731
         nbytes = (out / PROGRAM_DIR / PROGRAM_NAME).stat().st_size
     elif kind == "mpe_torchrec":
         tq = build_torchrec_quant(load_packed_export(out / "packed"))

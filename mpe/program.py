@@ -51,7 +51,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,11 +400,8 @@ def write_exported_program(export_dir: str | os.PathLike) -> dict[str, Any]:
         "torch_version": torch.__version__, "decoder_bytes": table.byte_breakdown(),
         "verified_examples": int(ids.shape[0]),
     }
-    # checked through the loader users call: checksum first, then torch.export.load
-    header_with = {**header, PROGRAM_KEY: entry}
-    header_with[HEADER_DIGEST] = header_digest(header_with)
-    atomic_write_json(root / HEADER_FILE, header_with)
-    try:
+
+    def verify() -> dict[str, Any]:  # through the loader users call: checksum first, then torch.export.load
         loaded = load_exported_program(root).module()
         with torch.inference_mode():
             got = loaded(ids)
@@ -413,12 +410,31 @@ def write_exported_program(export_dir: str | os.PathLike) -> dict[str, Any]:
             diff = float((got.double() - want.double()).abs().max())
             raise RuntimeError(f"{root}: the exported program's probabilities differ from the served model "
                                f"(max |diff| {diff:.3g})")
+        return {}
+
+    _record_verified(root, header, PROGRAM_KEY, entry, root / PROGRAM_FILE, verify)
+    return entry
+
+
+def _record_verified(root: Path, header: dict[str, Any], key: str, entry: dict[str, Any], path: Path,
+                     verify: Callable[[], dict[str, Any]]) -> None:
+    """Record ``entry`` under ``key`` in the export's header, then run ``verify`` (which loads
+    ``path`` through that header) and add the fields it returns to ``entry``. If it raises,
+    the header is restored and ``path`` removed: nothing is recorded."""
+    header_with = {**header, key: entry}
+    header_with[HEADER_DIGEST] = header_digest(header_with)
+    atomic_write_json(root / HEADER_FILE, header_with)
+    try:
+        extra = verify()
     except BaseException:
         header[HEADER_DIGEST] = header_digest(header)
         atomic_write_json(root / HEADER_FILE, header)
-        (root / PROGRAM_FILE).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         raise
-    return entry
+    if extra:
+        entry.update(extra)
+        header_with[HEADER_DIGEST] = header_digest(header_with)
+        atomic_write_json(root / HEADER_FILE, header_with)
 
 
 
@@ -448,19 +464,18 @@ def write_compiled_program(export_dir: str | os.PathLike) -> dict[str, Any]:
     header = read_header(root)
     t0 = time.perf_counter()
     compile_program(program, root / COMPILED_FILE)
+    seconds = round(time.perf_counter() - t0, 1)
+    served = load_served_model(root)
+    ids_np = check_ids(served.embedding.field_offsets.tolist(), served.embedding.packed.num_rows)
     entry = {
         "format": COMPILED_FORMAT, "schema_version": PROGRAM_SCHEMA_VERSION, "file": COMPILED_FILE,
         "sha256": sha256_file(root / COMPILED_FILE), "bytes": (root / COMPILED_FILE).stat().st_size,
         "compiled_from": header[PROGRAM_KEY]["sha256"], "input": PROGRAM_INPUT, "output": PROGRAM_OUTPUT,
         "torch_version": torch.__version__, "machine": platform.machine(),
-        "compile_seconds": round(time.perf_counter() - t0, 1),
+        "compile_seconds": seconds, "verified_examples": int(ids_np.shape[0]),
     }
-    header_with = {**header, COMPILED_KEY: entry}
-    header_with[HEADER_DIGEST] = header_digest(header_with)
-    atomic_write_json(root / HEADER_FILE, header_with)
-    try:
-        served = load_served_model(root)
-        ids_np = check_ids(served.embedding.field_offsets.tolist(), served.embedding.packed.num_rows)
+
+    def verify() -> dict[str, Any]:
         with torch.inference_mode():
             got = load_compiled_program(root)(torch.from_numpy(ids_np))
         want = _served_probs(served, served.embedding.fields, ids_np)
@@ -468,13 +483,7 @@ def write_compiled_program(export_dir: str | os.PathLike) -> dict[str, Any]:
         if not diff <= COMPILED_TOLERANCE:
             raise RuntimeError(f"{root}: the compiled program's probabilities differ from the served model "
                                f"(max |diff| {diff:.3g} > {COMPILED_TOLERANCE:g})")
-        entry.update(verified_examples=int(ids_np.shape[0]), max_abs_diff=diff)
-    except BaseException:
-        header[HEADER_DIGEST] = header_digest(header)
-        atomic_write_json(root / HEADER_FILE, header)
-        (root / COMPILED_FILE).unlink(missing_ok=True)
-        raise
-    header_with[COMPILED_KEY] = entry
-    header_with[HEADER_DIGEST] = header_digest(header_with)
-    atomic_write_json(root / HEADER_FILE, header_with)
+        return {"max_abs_diff": diff}
+
+    _record_verified(root, header, COMPILED_KEY, entry, root / COMPILED_FILE, verify)
     return entry
